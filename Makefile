@@ -1,0 +1,35 @@
+# `make setup` once, then `make test`. Every target uses the project's own .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast lint quickstart bench clean
+
+setup: $(STAMP)
+
+# Reinstall only when the dependency list changes. The constraints pin the CPU build of
+# torch that pip finds locally and the torchvision built against it.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -m "not gpu"
+
+test-fast: setup
+	$(PY) -m pytest -m "not gpu and not slow"
+
+lint: setup
+	$(PY) -m ruff check src tests bench train.py sample.py evaluate.py
+
+quickstart: setup
+	$(PY) train.py
+
+bench: setup
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
