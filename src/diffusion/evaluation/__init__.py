@@ -1,0 +1,38 @@
+"""Evaluation: the variational bound in bits/dim over a dataset, and FID / Inception Score.
+
+    from diffusion.evaluation import evaluate_bpd, FIDEvaluator, DigitsFeatureExtractor
+
+Depends on the process layer and torchmetrics only (no trainer, no config system); every
+function returns a plain dict and prints nothing. Names load on first use, so importing
+``evaluate_bpd`` does not pull in torchmetrics' Inception.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "evaluate_bpd": "diffusion.evaluation.bpd",
+    "respace_process": "diffusion.evaluation.bpd",
+    "FIDEvaluator": "diffusion.evaluation.fid",
+    "FeatureExtractor": "diffusion.evaluation.fid",
+    "InceptionFeatureExtractor": "diffusion.evaluation.fid",
+    "DigitsFeatureExtractor": "diffusion.evaluation.fid",
+    "INCEPTION_WEIGHTS_URL": "diffusion.evaluation.fid",
+    "digits_images": "diffusion.evaluation.fid",
+    "to_uint8_nchw": "diffusion.evaluation.fid",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'diffusion.evaluation' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,397 @@
+"""FID and Inception Score of samples, through torchmetrics, with no network access.
+
+FID (Heusel et al. 2017, arXiv 1706.08500, eq. in sec. 3):
+    d² = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2})
+between Gaussians fitted to features of real (r) and generated (g) images; IS (Salimans et
+al. 2016, arXiv 1606.03498, sec. 4): exp E_x KL(p(y|x) ‖ p(y)). The statistics and both
+formulas are torchmetrics' ``FrechetInceptionDistance`` and ``InceptionScore``; we run the
+feature network once per batch and hand both metrics its output.
+
+Feature extractors:
+
+* ``InceptionFeatureExtractor``: torch-fidelity's InceptionV3 (the 2015-12-05 TF weights that
+  published FIDs use) as torchmetrics wraps it, pool3 (2048) features for FID and the
+  unbiased logits for IS, with the weights read from a local file (``inception_weights=``;
+  see ``INCEPTION_WEIGHTS_URL``). Images are resized to 299 with torch-fidelity's
+  TF1-compatible bilinear resize (``antialias=False``), so numbers are comparable with
+  published ones; torchmetrics' own default (antialias=True) differs slightly.
+* ``DigitsFeatureExtractor``: for the 8x8 digits quickstart, where Inception does not apply.
+  FID_digits is the Fréchet distance in the 64 penultimate features of a small CNN trained
+  on the digits, and the "classifier score" is IS with its class probabilities (at most 10).
+  FID_digits is NOT comparable to Inception FID.
+
+Reference statistics (μ_r, Σ_r) are computed once per (dataset, split, extractor) and kept in
+``cache_dir/<dataset>-<split>-<extractor>.npz`` (keys ``mu``, ``sigma``, ``num_images``);
+delete the file to recompute. Nothing here prints; results are plain dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.inception import InceptionScore
+
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+DEFAULT_CACHE_DIR = Path("~/.cache/diffusion/fid")
+
+
+# ------------------------------------------------------------------------ image formats
+def to_uint8_nchw(images) -> torch.Tensor:
+    """Images as a uint8 (N, C, H, W) tensor.
+
+    Accepts uint8 numpy arrays (N, H, W, C) or (N, H, W), as sample.py writes them into
+    ``arr_0`` of an npz; uint8 tensors (N, C, H, W); float arrays or tensors (N, C, H, W) in
+    [-1, 1], quantized as x ↦ round(127.5 (x + 1)), the inverse of the data scaling.
+    """
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8:
+            array = images[..., None] if images.ndim == 3 else images  # (N,H,W) -> (N,H,W,1)
+            if array.ndim != 4 or array.shape[-1] not in (1, 3):
+                raise ValueError(f"uint8 numpy images must be NHWC with 1 or 3 channels, got {images.shape}")
+            return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(
+            f"images must be uint8 NHWC numpy, uint8 NCHW or float NCHW in [-1, 1], got "
+            f"{type(images).__name__} of shape {getattr(images, 'shape', None)}"
+        )
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def iter_uint8_batches(samples, batch_size: int):
+    """Yield uint8 NCHW batches from an npz path (``arr_0``), an array/tensor of images,
+    an iterable of such batches, or of ``(images, labels)`` pairs from a DataLoader."""
+    if isinstance(samples, (str, os.PathLike)):
+        with np.load(samples) as data:
+            samples = data["arr_0"]
+    if isinstance(samples, (np.ndarray, torch.Tensor)):
+        images = to_uint8_nchw(samples)
+        yield from images.split(batch_size)
+        return
+    for batch in samples:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield to_uint8_nchw(images)
+
+
+# ------------------------------------------------------------------- feature extractors
+class FeatureExtractor(nn.Module):
+    """What ``FIDEvaluator`` needs: features for FID and class logits for the score.
+
+    Subclasses set ``name`` (part of the reference-statistics cache key), ``num_features``,
+    and the result keys ``fid_key`` and ``score_key``.
+    """
+
+    name: str = "features"
+    num_features: int = 0
+    fid_key: str = "fid"
+    score_key: str = "inception_score"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> float (N, num_features)."""
+        raise NotImplementedError
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, num_features) -> (N, num_classes) class logits."""
+        raise NotImplementedError
+
+    def extra_results(self) -> dict:
+        """Constant numbers to report next to the metrics (sanity checks)."""
+        return {}
+
+
+def check_inception_weights(path) -> Path:
+    """The weights file, or a FileNotFoundError that says where to get it."""
+    if path is not None and Path(path).expanduser().is_file():
+        return Path(path).expanduser()
+    where = "no inception_weights path was given" if path is None else f"{path} does not exist"
+    raise FileNotFoundError(
+        f"Inception weights not found ({where}). FID/IS use torch-fidelity's InceptionV3 "
+        f"weights (the 2015-12-05 TensorFlow FID Inception, converted), which are never "
+        f"downloaded here: fetch {INCEPTION_WEIGHTS_URL} on a machine with internet access "
+        f"(torch-fidelity keeps it in ~/.cache/torch/hub/checkpoints/) and pass "
+        f"inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth"
+    )
+
+
+class InceptionFeatureExtractor(FeatureExtractor):
+    """torchmetrics' InceptionV3 (torch-fidelity's FeatureExtractorInceptionV3) loaded from
+    ``weights_path``: pool3 features (2048) and torch-fidelity's unbiased logits (1008)."""
+
+    num_features = 2048
+    fid_key = "fid"
+    score_key = "inception_score"
+
+    def __init__(self, weights_path, antialias: bool = False):
+        super().__init__()
+        weights_path = check_inception_weights(weights_path)
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(self.num_features)],
+            feature_extractor_weights_path=str(weights_path),
+            antialias=antialias,
+        )
+        self.name = "inception2015-pool3" + ("-antialias" if antialias else "")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)  # grayscale (N,1,H,W) -> (N,3,H,W)
+        return self.net(images)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        # torch-fidelity's "logits_unbiased": the final layer without its bias, which is
+        # torchmetrics' default input to InceptionScore.
+        return F.linear(features, self.net.fc.weight.to(features.dtype))
+
+
+DIGITS_SPLIT_SEED = 0  # the classifier's train/test split of the 1797 digits
+DIGITS_TEST_FRACTION = 0.2
+
+
+def digits_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as uint8 (N, 1, 8, 8) images (levels 0..16 scaled to 0..255,
+    as the data module's [-1, 1] scaling quantizes back) and int64 labels.
+
+    ``split``: "train" / "test" (a fixed seeded 80/20 permutation, the classifier's own
+    split) or "all".
+    """
+    from sklearn.datasets import load_digits  # lazy: only the quickstart needs it
+
+    valid = ("train", "test", "all")
+    if split not in valid:
+        raise ValueError(f"unknown digits split {split!r}; valid: {', '.join(valid)}")
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+    num_test = int(round(DIGITS_TEST_FRACTION * len(images)))
+    index = {"test": order[:num_test], "train": order[num_test:], "all": np.arange(len(images))}[split]
+    pixels = torch.from_numpy(images[index]).unsqueeze(1)  # (N, 8, 8) -> (N, 1, 8, 8)
+    return pixels, torch.from_numpy(digits.target[index]).long()
+
+
+class DigitsFeatureExtractor(FeatureExtractor):
+    """A small CNN classifier of the 8x8 digits; its 64 penultimate features give FID_digits
+    and its class probabilities the classifier score. Build with ``load_or_fit``.
+
+    FID_digits: Fréchet distance in the features of a digits classifier; not comparable to
+    Inception FID.
+    """
+
+    num_features = 64
+    fid_key = "fid_digits"
+    score_key = "classifier_score"
+    version = 1  # bump when the architecture or training changes: it renames the caches
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+        self.name = f"digits-cnn-v{self.version}-seed{seed}"
+        self.test_accuracy = float("nan")
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # (N, 32, 8, 8) -> (N, 32, 4, 4)
+            nn.Flatten(),  # (N, 32, 4, 4) -> (N, 512)
+            nn.Linear(512, self.num_features), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.num_features, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images.float() / 127.5 - 1.0)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.to(self.head.weight.dtype))
+
+    def extra_results(self) -> dict:
+        return {"classifier_test_accuracy": self.test_accuracy}
+
+    @classmethod
+    def load_or_fit(cls, cache_dir=DEFAULT_CACHE_DIR, seed: int = 0) -> DigitsFeatureExtractor:
+        """The classifier from ``cache_dir``, or trained (a few seconds on a CPU) and saved."""
+        model = cls(seed)
+        path = Path(cache_dir).expanduser() / f"{model.name}.pt"
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["state_dict"])
+            model.test_accuracy = float(state["test_accuracy"])
+            return model.eval()
+        model.fit()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"state_dict": model.state_dict(), "test_accuracy": model.test_accuracy}, tmp)
+        os.replace(tmp, path)
+        return model.eval()
+
+    def fit(self, epochs: int = 8, batch_size: int = 128, lr: float = 5e-3) -> float:
+        """Train on the train split (deterministic given the seed); return test accuracy."""
+        images, labels = digits_images("train")
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for module in self.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()  # seeded initialization
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        self.train()
+        for _ in range(epochs):
+            for index in torch.randperm(len(images), generator=generator).split(batch_size):
+                loss = F.cross_entropy(self.logits(self(images[index])), labels[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        self.eval()
+        test_images, test_labels = digits_images("test")
+        with torch.no_grad():
+            predicted = self.logits(self(test_images)).argmax(dim=1)
+        self.test_accuracy = float((predicted == test_labels).float().mean())
+        return self.test_accuracy
+
+
+# --------------------------------------------------------------------------- evaluator
+class _Given(nn.Module):
+    """Feature 'network' for the torchmetrics metrics: features are computed upstream."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class FIDEvaluator:
+    """FID and Inception Score (or their digits analogues) of samples against a dataset.
+
+    Args:
+        feature_extractor: a ``FeatureExtractor``; None builds ``InceptionFeatureExtractor``
+            from ``inception_weights``.
+        inception_weights: path to torch-fidelity's Inception weights file.
+        cache_dir: where reference statistics are kept.
+        device: where the feature network runs (default: where its parameters are).
+        batch_size: images per forward pass.
+        splits: the Inception Score's number of splits (10 in Salimans et al.).
+        seed: seed of the Inception Score's random split (so results repeat).
+    """
+
+    def __init__(self, feature_extractor: FeatureExtractor | None = None, *,
+                 inception_weights=None, cache_dir=DEFAULT_CACHE_DIR, device=None,
+                 batch_size: int = 250, splits: int = 10, seed: int = 0):
+        if feature_extractor is None:
+            feature_extractor = InceptionFeatureExtractor(inception_weights)
+        if device is not None:
+            feature_extractor = feature_extractor.to(device)
+        self.extractor = feature_extractor.eval()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.batch_size = batch_size
+        self.splits = splits
+        self.seed = seed
+
+    def cache_path(self, dataset: str, split: str) -> Path:
+        return self.cache_dir / f"{dataset}-{split}-{self.extractor.name}.npz"
+
+    @torch.no_grad()
+    def _features(self, samples) -> Iterable[torch.Tensor]:
+        """Float64 features on the CPU, one batch at a time."""
+        tensors = [*self.extractor.parameters(), *self.extractor.buffers()]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        for images in iter_uint8_batches(samples, self.batch_size):
+            yield self.extractor(images.to(device)).to("cpu", torch.float64)
+
+    def reference_stats(self, dataset: str, split: str,
+                        real_batches: Iterable | Callable[[], Iterable] | None = None) -> dict:
+        """μ_r, Σ_r of the real images, read from the cache or computed and cached.
+
+        ``real_batches`` (anything ``iter_uint8_batches`` takes, or a zero-argument callable
+        returning it, so that no DataLoader is built when the cache already has the file)
+        is only used when the cache has no entry.
+        """
+        path = self.cache_path(dataset, split)
+        if path.is_file():
+            with np.load(path) as data:
+                return {"mu": data["mu"], "sigma": data["sigma"],
+                        "num_images": int(data["num_images"]), "path": str(path)}
+        if real_batches is None:
+            raise FileNotFoundError(
+                f"no reference statistics at {path}; pass real_batches (the {dataset} "
+                f"{split} images) once to compute them"
+            )
+        if callable(real_batches):
+            real_batches = real_batches()
+        metric = self._new_fid()
+        for features in self._features(real_batches):
+            metric.update(features, real=True)
+        n = int(metric.real_features_num_samples)
+        if n < 2:
+            raise ValueError(f"reference statistics need at least 2 real images, got {n}")
+        mu = metric.real_features_sum / n
+        # The unbiased covariance exactly as torchmetrics' compute() forms it.
+        sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+        stats = {"mu": mu.numpy(), "sigma": sigma.numpy(), "num_images": n}
+        _save_npz_atomic(path, extractor=self.extractor.name, **stats)
+        return {**stats, "path": str(path)}
+
+    def _new_fid(self) -> FrechetInceptionDistance:
+        return FrechetInceptionDistance(
+            feature=_Given(self.extractor.num_features), reset_real_features=False
+        )
+
+    @torch.no_grad()
+    def __call__(self, samples, *, dataset: str, split: str = "train",
+                 real_batches: Iterable | Callable[[], Iterable] | None = None) -> dict:
+        """Scores of ``samples`` (see ``iter_uint8_batches``) against ``dataset``/``split``.
+
+        Returns ``{fid_key, score_key, score_key + "_std", "num_samples", ...}``; for the
+        Inception extractor ``fid``/``inception_score``, for the digits one ``fid_digits``/
+        ``classifier_score`` plus ``classifier_test_accuracy``.
+        """
+        ref = self.reference_stats(dataset, split, real_batches)
+        fid = self._new_fid()
+        _load_real_stats(fid, ref)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            score = InceptionScore(feature=_Given(0), splits=self.splits)
+        for features in self._features(samples):
+            fid.update(features, real=False)
+            score.update(self.extractor.logits(features))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # InceptionScore shuffles with the global RNG
+            score_mean, score_std = score.compute()
+        key = self.extractor.score_key
+        return {
+            self.extractor.fid_key: float(fid.compute()),
+            key: float(score_mean),
+            f"{key}_std": float(score_std),
+            "num_samples": int(fid.fake_features_num_samples),
+            **self.extractor.extra_results(),
+        }
+
+
+def _load_real_stats(metric: FrechetInceptionDistance, ref: dict) -> None:
+    """Set the metric's running sums so that its compute() sees μ_r and Σ_r."""
+    n = int(ref["num_images"])
+    mu = torch.as_tensor(ref["mu"], dtype=torch.float64)
+    sigma = torch.as_tensor(ref["sigma"], dtype=torch.float64)
+    metric.real_features_sum = mu * n
+    metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+    metric.real_features_num_samples = torch.tensor(n, dtype=torch.long)
+
+
+def _save_npz_atomic(path: Path, **arrays) -> None:
+    """Write to a temporary file, then rename, so a crash never leaves half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""Pieces shared by the sample and evaluate jobs: devices, precision, seeds, progress."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def resolve_devices(device: str, num_devices: int = 1) -> list[str]:
+    """``auto`` is CUDA when present, else the CPU; ``num_devices=-1`` takes every GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        available = torch.cuda.device_count()
+        count = available if num_devices == -1 else num_devices
+        if count > available:
+            raise ValueError(f"num_devices={num_devices} but only {available} CUDA device(s) are visible")
+        return [f"cuda:{i}" for i in range(count)]
+    if num_devices not in (1, -1):
+        raise ValueError(f"num_devices={num_devices} needs device=cuda (or auto with GPUs); got device={device!r}")
+    torch.device(device)  # raises on a malformed name
+    return [device]
+
+
+def autocast_for(device: torch.device, precision: str | int) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` (32, bf16 or 16) on ``device``."""
+    key = str(precision)
+    if key not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {sorted(PRECISIONS)}")
+    dtype = PRECISIONS[key]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def batch_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+    """A generator for batch ``index`` of a job seeded with ``seed``, independent of the others."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a rich progress task, e.g. ``12.3 img/s``."""
+
+    def __init__(self, unit: str = "img"):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def images_progress(total: int, done: int, description: str, enabled: bool = True,
+                    unit: str = "img") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over ``total`` items; yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task(description, total=total, completed=done)
+        yield lambda n: progress.advance(task, n)

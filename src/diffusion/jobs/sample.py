@@ -1,0 +1,166 @@
+"""`sample(cfg)`: draw samples from a checkpoint into an npz and a PNG grid.
+
+Work is cut into batches, and batch ``i`` draws all its randomness (noise, labels) from a
+generator seeded with ``(seed, i)``: the same seed gives the same images whatever the
+batch-to-device assignment, several devices split the batches without sharing a seed,
+and finished batches are kept as shard files, so an interrupted job resumes where it was.
+The final ``samples_NxHxWxC.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels for
+class-conditional models: the format of guided-diffusion's evaluation suite) and the grid
+are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.jobs.common import autocast_for, batch_generator, images_progress, resolve_devices
+from diffusion.training.callbacks import save_image_grid
+from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
+from diffusion.utils.atomic import atomic_savez
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW floats -> uint8 NHWC, rounding as improved-diffusion's sampler does."""
+    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
+
+
+def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: int,
+                 generator: torch.Generator) -> torch.Tensor | None:
+    """Labels of batch ``index``: given ones cycled in order, or uniformly random."""
+    if loaded.num_classes is None:
+        if cfg.class_labels is not None:
+            raise ValueError("class_labels were given but the checkpoint's model is unconditional")
+        return None
+    if cfg.class_labels is None:
+        return torch.randint(0, loaded.num_classes, (size,), generator=generator, device=generator.device)
+    given = [cfg.class_labels] if isinstance(cfg.class_labels, int) else list(cfg.class_labels)
+    bad = [c for c in given if not 0 <= int(c) < loaded.num_classes]
+    if bad:
+        raise ValueError(f"class_labels {bad} outside 0..{loaded.num_classes - 1}")
+    start = index * cfg.batch_size
+    return torch.tensor([given[(start + j) % len(given)] for j in range(size)], device=generator.device)
+
+
+def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int, size: int,
+                 device: torch.device) -> dict[str, np.ndarray]:
+    generator = batch_generator(cfg.seed, index, device)
+    labels = batch_labels(cfg, loaded, index, size, generator)
+    model_kwargs = {} if labels is None else {"y": labels}
+    autocast = autocast_for(device, cfg.precision)
+
+    def model(x, t, **kwargs):
+        with autocast:
+            return loaded.model(x, t, **kwargs).float()
+
+    with torch.inference_mode():
+        images = sampler(
+            loaded.diffusion, model, shape=(size, *loaded.image_shape), model_kwargs=model_kwargs,
+            clip_denoised=cfg.clip_denoised, generator=generator,
+        )
+    out = {"arr_0": to_uint8_nhwc(images)}
+    if labels is not None:
+        out["arr_1"] = labels.cpu().numpy().astype(np.int64)
+    return out
+
+
+def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
+    full, rest = divmod(num_samples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def shard_path(shard_dir: str, index: int) -> str:
+    return os.path.join(shard_dir, f"batch_{index:06d}.npz")
+
+
+def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, progress_queue=None) -> None:
+    """Worker: the batches ``rank, rank + n, ...`` on ``devices[rank]``, each saved as a shard."""
+    cfg = OmegaConf.create(cfg_yaml)
+    device = torch.device(devices[rank])
+    loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+    loaded.model.to(device)
+    sampler = hydra.utils.instantiate(cfg.sampler)
+    for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
+        if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
+            continue
+        atomic_savez(shard_path(shard_dir, index), **sample_batch(cfg, loaded, sampler, index, size, device))
+        if progress_queue is not None:
+            progress_queue.put(size)
+
+
+def merge_shards(shard_dir: str, count: int) -> dict[str, np.ndarray]:
+    parts = [np.load(shard_path(shard_dir, i)) for i in range(count)]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0].files}
+
+
+def output_paths(cfg: DictConfig, image_shape: tuple[int, int, int]) -> tuple[str, str, str]:
+    channels, height, width = image_shape
+    stem = f"samples_{cfg.num_samples}x{height}x{width}x{channels}"
+    out_dir = cfg.output_dir
+    return (os.path.join(out_dir, f"{stem}.npz"), os.path.join(out_dir, f"{stem}.png"),
+            os.path.join(out_dir, f"{stem}_shards"))
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Run the job; returns the paths written and the number of images."""
+    loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)  # fail fast on a bad checkpoint
+    sampler = hydra.utils.instantiate(cfg.sampler)
+    sampler.check(loaded.diffusion)  # e.g. more steps than the process has
+    npz_path, grid_path, shard_dir = output_paths(cfg, loaded.image_shape)
+    os.makedirs(shard_dir, exist_ok=True)
+    sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
+    done = sum(s for i, s in enumerate(sizes) if os.path.exists(shard_path(shard_dir, i)))
+    if done:
+        log.info("resuming: %d of %d images already in %s", done, cfg.num_samples, shard_dir)
+    devices = resolve_devices(cfg.device, cfg.num_devices)
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    with images_progress(cfg.num_samples, done, "sampling", enabled=cfg.progress) as advance:
+        if len(devices) == 1:
+            queue = _CallbackQueue(advance)
+            run_batches(0, cfg_yaml, devices, shard_dir, queue)
+        else:
+            _run_on_devices(cfg_yaml, devices, shard_dir, advance)
+    arrays = merge_shards(shard_dir, len(sizes))
+    atomic_savez(npz_path, **arrays)
+    grid = torch.from_numpy(arrays["arr_0"][: cfg.grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_image_grid(grid, grid_path)
+    for i in range(len(sizes)):
+        os.remove(shard_path(shard_dir, i))
+    with contextlib.suppress(OSError):
+        os.rmdir(shard_dir)
+    log.info("wrote %s (%d images, %s weights) and %s", npz_path, len(arrays["arr_0"]), loaded.weights, grid_path)
+    return {"npz": npz_path, "grid": grid_path, "num_images": int(len(arrays["arr_0"])), "weights": loaded.weights}
+
+
+class _CallbackQueue:
+    def __init__(self, callback):
+        self.callback = callback
+
+    def put(self, value: int) -> None:
+        self.callback(value)
+
+
+def _run_on_devices(cfg_yaml: str, devices: list[str], shard_dir: str, advance) -> None:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=run_batches, args=(rank, cfg_yaml, devices, shard_dir, queue))
+               for rank in range(len(devices))]
+    for worker in workers:
+        worker.start()
+    while any(w.is_alive() for w in workers) or not queue.empty():
+        with contextlib.suppress(Exception):
+            advance(queue.get(timeout=0.5))
+    failed = [w.exitcode for w in workers if w.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} sampling worker(s) failed (exit codes {failed}); finished shards are kept")

@@ -1,0 +1,163 @@
+"""The sampler interface shared by every sampler (after crowsonkb/k-diffusion).
+
+A sampler is a small value object (its settings) that is called with the BASE process a
+model was trained with, as stored in the checkpoint::
+
+    x0 = sampler(diffusion, model, shape=(16, 3, 32, 32), generator=g)
+
+It decides which of the T original steps it visits (``timesteps(T)``), builds the
+respaced process over them once per base process (``respaced(diffusion)``, improved-
+diffusion's ``SpacedDiffusion``), and runs that process's sampling loop. All randomness,
+the starting noise included, comes from ``generator``, so one seed gives one set of images.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+
+from diffusion.process.respace import SpacedDiffusion
+
+
+def _infer_device_dtype(model, generator) -> tuple[torch.device, torch.dtype]:
+    """Where and in what float type x_T is made: the model's first floating tensor; for a
+    model without tensors (a closure, an analytic model) the generator's device and the
+    default float type."""
+    tensors = []
+    if isinstance(model, torch.nn.Module):
+        tensors = [*model.parameters(), *model.buffers()]
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    if tensors:
+        return tensors[0].device, torch.get_default_dtype()
+    device = generator.device if generator is not None else torch.device("cpu")
+    return device, torch.get_default_dtype()
+
+
+def _check_base_process(diffusion) -> None:
+    """A sampler respaces the process itself, so it needs the un-respaced one. A
+    SpacedDiffusion that keeps every step (improved-diffusion's factory returns one even
+    without respacing) is the base process in disguise and is accepted."""
+    if isinstance(diffusion, SpacedDiffusion):
+        if len(diffusion.timestep_map) != diffusion.original_num_steps:
+            raise ValueError(
+                f"samplers take the base process; got a SpacedDiffusion that keeps "
+                f"{len(diffusion.timestep_map)} of {diffusion.original_num_steps} steps. "
+                f"Pass the checkpoint's GaussianDiffusion and choose the steps with the "
+                f"sampler's steps/respacing instead"
+            )
+
+
+@dataclasses.dataclass
+class Sampler(abc.ABC):
+    """Base class: subclasses are dataclasses whose fields are their constructor keywords
+    (so ``configs/sampler/*.yaml`` instantiate them) and implement ``timesteps`` and
+    ``_run_loop``."""
+
+    _cache: dict = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @abc.abstractmethod
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        """The original step indices (ascending) this sampler visits in a T-step process."""
+
+    @abc.abstractmethod
+    def _run_loop(self, process, model, noise, **loop_kwargs) -> torch.Tensor:
+        """Run the respaced process's loop from ``noise``."""
+
+    def num_function_evals(self, num_timesteps: int) -> int:
+        """Model calls for one batch of samples: one per visited step (for NFE plots)."""
+        return len(self.timesteps(num_timesteps))
+
+    def check(self, diffusion) -> None:
+        """Raise ValueError now if this sampler cannot run on ``diffusion`` (a respaced
+        process, more steps than it has, a step rule without an exact answer)."""
+        self.respaced(diffusion)
+
+    def respaced(self, diffusion):
+        """The process over ``timesteps(T)``, built once per base process and cached.
+
+        When every step is kept the base process itself is returned, so that ``ddpm`` is
+        exactly ``diffusion.p_sample_loop``.
+        """
+        _check_base_process(diffusion)
+        entry = self._cache.get(id(diffusion))
+        if entry is not None and entry[0]() is diffusion:
+            return entry[1]
+        use_timesteps = self.timesteps(diffusion.num_timesteps)
+        if len(use_timesteps) == diffusion.num_timesteps:
+            process = diffusion
+        else:
+            process = SpacedDiffusion(
+                use_timesteps,
+                betas=diffusion.betas,
+                model_mean_type=diffusion.model_mean_type,
+                model_var_type=diffusion.model_var_type,
+                loss_type=diffusion.loss_type,
+                rescale_timesteps=diffusion.rescale_timesteps,
+            )
+        self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}
+        self._cache[id(diffusion)] = (weakref.ref(diffusion), process)
+        return process
+
+    def __call__(
+        self,
+        diffusion,
+        model,
+        *,
+        shape: Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
+        clip_denoised: bool = True,
+        generator: torch.Generator | None = None,
+        progress: bool | Callable = False,
+    ) -> torch.Tensor:
+        """Draw samples x_0 of ``shape`` (N, C, H, W), or start from the given x_T ``noise``.
+
+        The starting noise is drawn from ``generator`` and placed on the model's device in
+        its float type (for a model without parameters, e.g. a closure: the generator's
+        device and the default float type); pass ``noise`` to choose either. The per-step
+        noise also comes from ``generator``, which must live on the model's device.
+        ``progress``: True for a tqdm bar, or a callable wrapping the step iterable.
+        Returns x_0 in the model's data scale ([-1, 1] for images).
+        """
+        process = self.respaced(diffusion)
+        noise = self._initial_noise(model, shape, noise, generator)
+        return self._run_loop(
+            process,
+            model,
+            noise,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            device=noise.device,
+            progress=progress,
+            generator=generator,
+        )
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = {}  # weak references cannot be pickled; the cache rebuilds
+        return state
+
+    @staticmethod
+    def _initial_noise(model, shape, noise, generator) -> torch.Tensor:
+        """x_T ~ N(0, I): given, or drawn from ``generator``."""
+        if (shape is None) == (noise is None):
+            raise ValueError(
+                f"pass exactly one of shape and noise (got shape={shape!r}, "
+                f"noise={'None' if noise is None else tuple(noise.shape)})"
+            )
+        if noise is not None:
+            return noise
+        device, dtype = _infer_device_dtype(model, generator)
+        # Draw where the generator lives (a CPU generator gives the same images on any
+        # device), then move to the model.
+        where = generator.device if generator is not None else device
+        noise = torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype)
+        return noise.to(device)

@@ -1,0 +1,246 @@
+"""`SampleGrid`: a fixed-noise grid of DDIM samples during training, and `save_image_grid`.
+
+Watching samples from the same starting noise x_T at every checkpoint shows how the model
+(with its EMA weights) converges far better than the loss does. DDIM with η = 0 (DDIM
+eq. 12, arXiv 2010.02502) maps x_T to x_0 deterministically, so with fixed noise two grids
+differ only because the weights did. A few respaced steps (IDDPM sec. 4, arXiv 2102.09672)
+keep the cost to ``ddim_steps`` network calls per grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.utils import make_grid, save_image  # safe: the diffusion package is imported
+
+from diffusion.process.respace import SpacedDiffusion, space_timesteps
+from diffusion.training.ema import EMA
+
+LOG_KEY = "train/samples"
+
+
+# ------------------------------------------------------------------------ image files
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto
+    ``path``, so a reader (or a crash) never sees a half-written file."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _image_format(path: str | os.PathLike) -> str:
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    formats = Image.registered_extensions()
+    if extension not in formats:
+        raise ValueError(f"cannot tell the image format of {os.fspath(path)!r}; use one of .png, .jpg, .webp")
+    return formats[extension]
+
+
+def make_image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """(N, C, H, W) images in [-1, 1] -> one (3 or C, H', W') grid in [0, 1] on the CPU,
+    ``nrow`` images per row (default ceil(sqrt(N)), square for square N)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1]
+    return make_grid(images, nrow=nrow, padding=2)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> torch.Tensor:
+    """Save (N, C, H, W) images in [-1, 1] as one grid image at ``path``, atomically
+    (temporary file in the same folder, then `os.replace`). Returns the [0, 1] grid."""
+    grid = make_image_grid(images, nrow)
+    image_format = _image_format(path)
+    _atomic_write(path, lambda tmp: save_image(grid, tmp, format=image_format))
+    return grid
+
+
+def _copy_file(source: str, destination: str) -> None:
+    with open(source, "rb") as f:
+        data = f.read()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(destination, write)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside, and afterwards every sub-module's own previous mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+# --------------------------------------------------------------------------- callback
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and once at the end of fit) draw
+    ``num_samples`` images from fixed noise with DDIM (η = 0, ``ddim_steps`` respaced
+    steps) and the EMA weights of the first rate (the raw weights without an `EMA`
+    callback), save them as ``<log_dir>/samples/step_XXXXXXX.png`` and ``samples/last.png``,
+    and send the grid to the loggers that take images (wandb's ``log_image``,
+    TensorBoard's ``add_image``). Only global rank 0 draws.
+
+    Expects the LightningModule to have ``model`` (called as ``model(x_t, t, **kwargs)``),
+    ``diffusion`` (a full-length `GaussianDiffusion`), ``image_shape`` (C, H, W) and
+    ``num_classes`` (None, or labels 0..num_classes-1 are cycled over the grid).
+
+    Args:
+        every_n_steps: optimizer steps between grids; 0 draws only at the end.
+        num_samples: images per grid; a square number gives a square grid.
+        ddim_steps: DDIM steps, respaced evenly over the T training steps (at most T).
+        seed: seeds the fixed noise x_T (drawn on the CPU, so it is the same on any device).
+        clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
+        on_fit_end: also draw when training ends (unless that step was just drawn).
+        dirpath: the folder of the PNG files; default ``<trainer.log_dir>/samples``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        ddim_steps: int = 20,
+        seed: int = 0,
+        clip_denoised: bool = True,
+        on_fit_end: bool = True,
+        dirpath: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        for name, value, low in (("every_n_steps", every_n_steps, 0), ("num_samples", num_samples, 1),
+                                 ("ddim_steps", ddim_steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"SampleGrid: {name}={value!r} must be an integer >= {low}")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.ddim_steps = ddim_steps
+        self.seed = seed
+        self.clip_denoised = clip_denoised
+        # Not `self.on_fit_end`: that name is the Callback hook, which this would shadow.
+        self.draw_at_end = on_fit_end
+        self.last_grid: torch.Tensor | None = None  # the last grid drawn, (3, H', W') in [0, 1]
+        self._last_step = -1
+        self._folder: str | None = None
+        self._noise_cpu: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        self._process: SpacedDiffusion | None = None
+        self._process_source: Any = None
+
+    # ------------------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # trainer.log_dir is a collective (it broadcasts from rank 0): every rank asks here.
+        self._folder = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The end of fit, while the module is still on its device (the strategy's teardown,
+        # which runs before the on_fit_end hook, moves it to the CPU).
+        if self.draw_at_end and trainer.global_step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    # ----------------------------------------------------------------------- drawing
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        """Draw, save and log one grid for the current step; returns its path on rank 0."""
+        step = trainer.global_step
+        self._last_step = step
+        if not trainer.is_global_zero:
+            return None
+        images = self.sample(pl_module, EMA.find(trainer))
+        folder = self._folder or os.path.join(trainer.default_root_dir, "samples")
+        path = os.path.join(folder, f"step_{step:07d}.png")
+        self.last_grid = save_image_grid(images, path)
+        _copy_file(path, os.path.join(folder, "last.png"))
+        self._log(trainer, self.last_grid, step)
+        return path
+
+    def sample(self, pl_module: L.LightningModule, ema: EMA | None = None) -> torch.Tensor:
+        """The grid's images, (num_samples, C, H, W) in [-1, 1], with ``ema``'s first rate
+        swapped in (raw weights when None), in eval mode and without gradients."""
+        device = pl_module.device
+        process = self._spaced_process(pl_module.diffusion)
+        noise = self.fixed_noise(tuple(pl_module.image_shape), device)
+        model_kwargs = {}
+        if getattr(pl_module, "num_classes", None) is not None:
+            model_kwargs["y"] = torch.arange(self.num_samples, device=device) % pl_module.num_classes
+        weights = ema.swapped(pl_module) if ema is not None else contextlib.nullcontext()
+        with weights, _eval_mode(pl_module), torch.no_grad():
+            network = pl_module.model
+
+            def model(x_t: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return network(x_t, t, **kwargs).to(x_t.dtype)  # e.g. a bf16 UNet
+
+            return process.ddim_sample_loop(
+                model, tuple(noise.shape), noise=noise, clip_denoised=self.clip_denoised,
+                model_kwargs=model_kwargs, eta=0.0,
+            )
+
+    def fixed_noise(self, image_shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+        """x_T for the grid: drawn once on the CPU from ``seed``, cached per device."""
+        shape = (self.num_samples, *image_shape)
+        if self._noise_cpu is None or tuple(self._noise_cpu.shape) != shape:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._noise_cpu = torch.randn(shape, generator=generator)
+            self._noise = None
+        if self._noise is None or self._noise.device != torch.device(device):
+            self._noise = self._noise_cpu.to(device)
+        return self._noise
+
+    def _spaced_process(self, diffusion: Any) -> SpacedDiffusion:
+        """``diffusion`` respaced to ``ddim_steps`` evenly spread steps, built once."""
+        if self._process is None or self._process_source is not diffusion:
+            num_timesteps = diffusion.num_timesteps
+            if self.ddim_steps > num_timesteps:
+                raise ValueError(
+                    f"SampleGrid: ddim_steps={self.ddim_steps} exceeds the process's "
+                    f"T={num_timesteps} steps; choose 1..{num_timesteps}"
+                )
+            self._process = SpacedDiffusion(
+                space_timesteps(num_timesteps, [self.ddim_steps]),
+                betas=diffusion.betas,
+                model_mean_type=diffusion.model_mean_type,
+                model_var_type=diffusion.model_var_type,
+                loss_type=diffusion.loss_type,
+                rescale_timesteps=diffusion.rescale_timesteps,
+            )
+            self._process_source = diffusion
+        return self._process
+
+    @staticmethod
+    def _log(trainer: L.Trainer, grid: torch.Tensor, step: int) -> None:
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger (and others with the same API)
+                hwc = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+                logger.log_image(key=LOG_KEY, images=[hwc], step=step)
+                continue
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+                experiment.add_image(LOG_KEY, grid, global_step=step)

@@ -1,0 +1,380 @@
+"""LightningDataModules for the datasets in ``configs/data/``.
+
+Every module has ``image_size``, ``channels`` and ``num_classes`` (None without labels), and
+its dataloaders yield ``(images, labels)``: images float32 (B, C, H, W) in [-1, 1], the 8-bit
+value k mapped to 2k/255 - 1, so likelihoods are bits/dim on 8-bit data (DDPM sec. 3.3,
+arXiv 2006.11239); labels int64, all zero when the dataset has none.
+
+Splits are fixed: held-out parts are drawn with a seed of their own (``split_seed``), never
+from the global RNG, so two runs (or a run and its evaluation) see the same images. Training
+batches are shuffled, flipped where the dataset allows it, and ``drop_last``; validation and
+test batches are neither shuffled nor flipped.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.datasets import CIFAR10
+from torchvision.datasets import utils as tv_utils
+from torchvision.transforms import InterpolationMode, v2
+
+from diffusion.training import datasets as ds
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Loader plumbing shared by the datasets: subclasses build the splits in ``build_splits``."""
+
+    image_size: int
+    channels: int
+    num_classes: int | None
+
+    def __init__(self, *, batch_size: int, num_workers: int, pin_memory: bool,
+                 persistent_workers: bool):
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size={batch_size} must be ≥ 1 and num_workers={num_workers} ≥ 0")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return  # all three splits are built at once, whatever the stage
+        train, val, test = self.build_splits()
+        if len(train) < self.batch_size:
+            raise ValueError(f"the training split has {len(train)} images, fewer than batch_size="
+                             f"{self.batch_size}: with drop_last no batch would be produced")
+        self.train_set, self.val_set, self.test_set = train, val, test
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for dataloaders")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's 1797 handwritten digits (8x8, values 0..16, labels 0..9), held in memory.
+
+    The 17 grey levels become 8-bit intensities round(v·255/16), and likelihoods are reported
+    on that 8-bit version. ``image_size`` other than 8 resizes those uint8 images once
+    (bilinear, antialiased). No flips: a mirrored digit is another symbol. The test and
+    validation parts are stratified by label (sklearn's ``train_test_split``).
+    """
+
+    channels = 1
+    num_classes = 10
+
+    def __init__(self, *, image_size: int = 8, val_fraction: float = 0.1,
+                 test_fraction: float = 0.1, split_seed: int = 0, batch_size: int = 128,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+        _check_fractions(val_fraction, test_fraction)
+        if image_size < 1:
+            raise ValueError(f"image_size={image_size} must be a positive number of pixels")
+        self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        pixels, labels = digits_uint8(self.image_size)
+        images = pixels.float() / 127.5 - 1  # 8-bit k -> 2k/255 - 1
+        n = len(labels)
+        strata = labels.numpy()
+        rest, test = train_test_split(np.arange(n), test_size=round(self.test_fraction * n),
+                                      stratify=strata, random_state=self.split_seed)
+        train, val = train_test_split(rest, test_size=round(self.val_fraction * n),
+                                      stratify=strata[rest], random_state=self.split_seed)
+        return tuple(TensorDataset(images[i], labels[i]) for i in (train, val, test))
+
+
+def digits_uint8(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's digits as uint8 (N, 1, image_size, image_size) in 0..255, and int64 labels."""
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    images = torch.from_numpy(pixels).unsqueeze(1)  # (N, 8, 8) -> (N, 1, 8, 8)
+    if image_size != images.shape[-1]:
+        images = v2.functional.resize(images, [image_size, image_size],
+                                      interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return images, torch.from_numpy(digits.target).long()
+
+
+CIFAR10_HELP = (
+    "To get it, run with download=true on a machine with internet access, or fetch "
+    "cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) and extract it into "
+    "{root}, so that {folder} holds data_batch_1..5, test_batch and batches.meta."
+)
+
+
+class Cifar10DataModule(ImageDataModule):
+    """CIFAR-10 in torchvision's on-disk format (``root/cifar-10-batches-py`` pickles).
+
+    Validation is a fixed held-out subset of ``val_size`` training images; test is the
+    official test batch. Training images are flipped horizontally when ``random_flip``
+    (DDPM, Ho et al. 2020, appendix B). Files are checked for presence, not md5
+    (``datasets.CIFAR10Files`` says why).
+    """
+
+    image_size = 32
+    channels = 3
+    num_classes = 10
+
+    def __init__(self, root: str = "data/cifar10", *, download: bool = True,
+                 random_flip: bool = True, val_size: int = 1000, split_seed: int = 0,
+                 batch_size: int = 128, num_workers: int = 4, pin_memory: bool = False,
+                 persistent_workers: bool = True):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+        self.root = Path(root)
+        self.folder = self.root / CIFAR10.base_folder
+        self.download, self.random_flip = download, random_flip
+        self.val_size, self.split_seed = val_size, split_seed
+
+    def missing_files(self) -> list[str]:
+        return [name for name in ds.cifar10_file_names() if not (self.folder / name).is_file()]
+
+    def prepare_data(self) -> None:
+        """Download (rank 0 only, under Lightning) when files are missing and download is on."""
+        missing = self.missing_files()
+        if not missing or not self.download:
+            return
+        try:
+            tv_utils.download_and_extract_archive(CIFAR10.url, str(self.root),
+                                                  filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as err:  # URLError, HTTPError, md5 mismatch, a broken archive ...
+            help_text = CIFAR10_HELP.format(root=self.root, folder=self.folder)
+            raise RuntimeError(f"CIFAR-10 is missing from {self.folder} ({', '.join(missing)}) "
+                               f"and downloading it failed: {err!r}. {help_text}") from err
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        self.prepare_data()
+        missing = self.missing_files()
+        if missing:
+            help_text = CIFAR10_HELP.format(root=self.root, folder=self.folder)
+            raise FileNotFoundError(f"CIFAR-10 not found: {self.folder} lacks "
+                                    f"{', '.join(missing)} (download={self.download}). {help_text}")
+        train, test = self._read(train=True), self._read(train=False)
+        train_idx, val_idx = ds.split_indices(len(train), [self.val_size], self.split_seed)
+        plain = ds.image_transform()
+        return (ds.TransformedSubset(train, train_idx, ds.image_transform(flip=self.random_flip)),
+                ds.TransformedSubset(train, val_idx, plain),
+                ds.TransformedSubset(test, None, plain))
+
+    def _read(self, *, train: bool) -> CIFAR10:
+        try:
+            return ds.CIFAR10Files(str(self.root), train=train)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, OSError) as err:
+            raise RuntimeError(f"cannot read the CIFAR-10 batches in {self.folder}: torchvision "
+                               f"expects pickled dicts with 'data' (N, 3072) uint8 and 'labels' "
+                               f"({err!r})") from err
+
+
+class CelebADataModule(ImageDataModule):
+    """CelebA's aligned 178x218 faces, center-cropped to ``crop_size`` then resized.
+
+    The 140-pixel center crop then resize to 64 follows NCSN and score_sde (Song & Ermon 2019,
+    arXiv 1907.05600; Song et al. 2021, arXiv 2011.13456, CelebA ``central_crop(img, 140)``).
+    DDIM's released code (arXiv 2010.02502) instead crops rows 57:185 and columns 25:153
+    (128 px, off-center), so its FIDs are not directly comparable with this crop.
+    Splits are the official train/valid/test of ``list_eval_partition.txt``. No labels.
+    ``root`` may be torchvision's root (holding ``celeba/``) or that ``celeba`` folder itself.
+    """
+
+    channels = 3
+    num_classes = None
+
+    def __init__(self, root: str = "data/celeba", *, image_size: int = 64, crop_size: int = 140,
+                 random_flip: bool = True, batch_size: int = 128, num_workers: int = 8,
+                 pin_memory: bool = False, persistent_workers: bool = True):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+        if not 1 <= crop_size <= 178 or image_size < 1:
+            raise ValueError(f"crop_size={crop_size} must lie in 1..178 (the aligned images are "
+                             f"178 wide) and image_size={image_size} be ≥ 1")
+        self.root = Path(root)
+        self.image_size, self.crop_size, self.random_flip = image_size, crop_size, random_flip
+
+    @property
+    def folder(self) -> Path:
+        """The folder holding img_align_celeba/ and list_eval_partition.txt."""
+        return self.root if (self.root / "img_align_celeba").is_dir() else self.root / "celeba"
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        self._check_files()
+        geometric = [v2.CenterCrop(self.crop_size), v2.Resize(self.image_size, antialias=True)]
+        train_tf = ds.image_transform(*geometric, flip=self.random_flip)
+        eval_tf = ds.image_transform(*geometric)
+        return tuple(ds.TransformedSubset(ds.CelebAImages(self.folder, split), None, tf)
+                     for split, tf in (("train", train_tf), ("valid", eval_tf), ("test", eval_tf)))
+
+    def _check_files(self) -> None:
+        folder = self.folder
+        partition_file = folder / "list_eval_partition.txt"
+        image_dir = folder / "img_align_celeba"
+        help_text = ("Get img_align_celeba.zip and list_eval_partition.txt from "
+                     "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or run "
+                     "torchvision.datasets.CelebA(root, download=True)) and put them there.")
+        if not partition_file.is_file() or not image_dir.is_dir():
+            raise FileNotFoundError(f"CelebA not found: expected {image_dir}/ and {partition_file} "
+                                    f"(root={self.root}). {help_text}")
+        present = set(os.listdir(image_dir))
+        absent = [n for n, _ in ds.read_celeba_partition(partition_file) if n not in present]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} images listed in {partition_file} are missing "
+                                    f"from {image_dir}, e.g. {absent[:5]}. {help_text}")
+
+
+IMAGENET64_TRAIN_FILES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11))
+IMAGENET64_TEST_FILE = "val_data.npz"
+
+
+class ImageNet64DataModule(ImageDataModule):
+    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017, arXiv 1707.08819), npz batches.
+
+    ``root`` (or its immediate sub-folders, as the two train zips unpack) holds
+    train_data_batch_1..10.npz and val_data.npz. Validation is a fixed held-out subset of
+    ``val_size`` training images; test is the official validation set (val_data.npz), the
+    split on which ImageNet 64x64 likelihoods are usually reported. No flips by default: improved-diffusion's loader has none.
+    Labels 1..1000 become 0..999.
+    """
+
+    image_size = 64
+    channels = 3
+    num_classes = 1000
+
+    def __init__(self, root: str = "data/imagenet64", *, random_flip: bool = False,
+                 val_size: int = 10000, split_seed: int = 0, batch_size: int = 128,
+                 num_workers: int = 8, pin_memory: bool = False, persistent_workers: bool = True):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+        self.root = Path(root)
+        self.random_flip, self.val_size, self.split_seed = random_flip, val_size, split_seed
+
+    def find_files(self) -> tuple[list[Path], Path]:
+        """Paths of the ten train batches and the validation file; errors name what is missing."""
+        names = [*IMAGENET64_TRAIN_FILES, IMAGENET64_TEST_FILE]
+        found = {n: sorted([*self.root.glob(n), *self.root.glob(f"*/{n}")]) for n in names}
+        missing = [n for n in names if not found[n]]
+        if missing:
+            raise FileNotFoundError(
+                f"ImageNet 64x64 not found: {self.root} (or a sub-folder) lacks {', '.join(missing)}; "
+                f"expected {', '.join(names)}. Get Imagenet64_train_part1_npz.zip, "
+                f"Imagenet64_train_part2_npz.zip and Imagenet64_val_npz.zip from "
+                f"https://image-net.org/download-images.php and unzip them into {self.root}.")
+        repeated = {n: [str(p) for p in paths] for n, paths in found.items() if len(paths) > 1}
+        if repeated:
+            raise ValueError(f"ImageNet 64x64 files found more than once under {self.root}: {repeated}")
+        return [found[n][0] for n in IMAGENET64_TRAIN_FILES], found[IMAGENET64_TEST_FILE][0]
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        train_paths, test_path = self.find_files()
+        train, test = ds.NpzImageBatches(train_paths), ds.NpzImageBatches([test_path])
+        train_idx, val_idx = ds.split_indices(len(train), [self.val_size], self.split_seed)
+        plain = ds.image_transform()
+        return (ds.TransformedSubset(train, train_idx, ds.image_transform(flip=self.random_flip)),
+                ds.TransformedSubset(train, val_idx, plain),
+                ds.TransformedSubset(test, None, plain))
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Any folder of images, as RGB: shorter side resized to ``image_size`` (bicubic,
+    antialiased), then center-cropped to a square, as improved-diffusion's image_datasets.py.
+
+    ``labels``: ``subfolders`` (torchvision ImageFolder: one class per sub-folder), ``prefix``
+    (``cat_001.png`` -> class "cat", files anywhere below root, improved-diffusion's
+    convention), ``none``, or ``auto`` (sub-folders when root holds sub-folders and no images
+    of its own, else prefixes when every file has one and there are at least two, else none). Every file is checked with PIL's
+    ``verify`` at setup; an unreadable one is skipped with a warning naming it, or raises
+    (``on_bad_image``). Validation and test are fixed seeded fractions of the images.
+    """
+
+    channels = 3
+
+    def __init__(self, root: str = "data/images", *, image_size: int = 64, labels: str = "auto",
+                 random_flip: bool = True, on_bad_image: str = "skip", val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, split_seed: int = 0, batch_size: int = 128,
+                 num_workers: int = 8, pin_memory: bool = False, persistent_workers: bool = True):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+        _check_choice("labels", labels, ds.LABEL_MODES)
+        _check_choice("on_bad_image", on_bad_image, ds.BAD_IMAGE_POLICIES)
+        _check_fractions(val_fraction, test_fraction)
+        if image_size < 1:
+            raise ValueError(f"image_size={image_size} must be a positive number of pixels")
+        self.root = Path(root)
+        self.image_size, self.labels, self.random_flip = image_size, labels, random_flip
+        self.on_bad_image = on_bad_image
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+
+    @cached_property
+    def label_mode(self) -> str:
+        """``labels`` with ``auto`` resolved from the folder's layout."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        mode = ds.resolve_label_mode(self.root, self.labels)
+        if mode == "subfolders" and not ds.has_class_folders(self.root):
+            raise ValueError(f"labels=subfolders, but {self.root} has no sub-folders; "
+                             f"choose one of {ds.LABEL_MODES}")
+        return mode
+
+    @cached_property
+    def classes(self) -> list[str] | None:
+        """Class names (from folder or file names alone; no image is opened), None without labels."""
+        return ds.folder_classes(self.root, self.label_mode)
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.classes is None else len(self.classes)
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        folder = ds.open_image_folder(self.root, self.label_mode, self.on_bad_image)
+        n = len(folder)
+        held_out = [max(1, round(f * n)) for f in (self.val_fraction, self.test_fraction)]
+        train_idx, val_idx, test_idx = ds.split_indices(n, held_out, self.split_seed)
+        geometric = [v2.Resize(self.image_size, interpolation=InterpolationMode.BICUBIC,
+                               antialias=True), v2.CenterCrop(self.image_size)]
+        train_tf = ds.image_transform(*geometric, flip=self.random_flip)
+        eval_tf = ds.image_transform(*geometric)
+        return (ds.TransformedSubset(folder, train_idx, train_tf),
+                ds.TransformedSubset(folder, val_idx, eval_tf),
+                ds.TransformedSubset(folder, test_idx, eval_tf))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must lie "
+                         f"in (0, 1) and sum to less than 1")

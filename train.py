@@ -1,0 +1,24 @@
+"""Train a diffusion model. With no arguments: the digits quickstart on the CPU.
+
+    python train.py
+    python train.py experiment=cifar_cosine_learned_sigma trainer=gpu
+    python train.py -m experiment=digits_quickstart diffusion/schedule=linear,cosine
+    python train.py --help            # every config group and its choices
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
+from diffusion.training.run import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # Returned so that Hydra sweepers can optimise it.
+    return metrics.get("test/bpd", metrics.get("val/bpd"))
+
+
+if __name__ == "__main__":
+    main()
