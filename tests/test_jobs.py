@@ -1,0 +1,171 @@
+"""sample.py and evaluate.py: outputs, determinism, resume, the analytic denoiser, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, compose_config
+from diffusion import GaussianDiffusion, get_named_beta_schedule
+from diffusion.jobs import sample as sample_job
+from diffusion.jobs.evaluate import evaluate
+from diffusion.jobs.sample import sample
+from diffusion.process.analytic import GaussianDataDenoiser
+from diffusion.training.checkpoint import CheckpointError, LoadedCheckpoint
+from diffusion.training.run import train
+from test_sampling import assert_moments, chain_moments
+from test_train import TINY_RUN
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint of a 4-step run of a tiny UNet on the digits (T = 50, cosine)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        cfg = compose_config("train", [*TINY_RUN, "trainer.max_steps=4", "test_after_fit=false",
+                                       "trainer.limit_val_batches=0", "~callbacks.sample_grid"], out)
+        train(cfg)
+    finally:
+        os.chdir(cwd)
+    return str(out / "checkpoints" / "last.ckpt")
+
+
+def sample_cfg(compose_cfg, tmp_path, *overrides):
+    return compose_cfg("sample", ["progress=false", *overrides], output_dir=tmp_path / "samples")
+
+
+def test_sample_writes_npz_and_grid(compose_cfg, tiny_ckpt, tmp_path):
+    cfg = sample_cfg(compose_cfg, tmp_path, f"ckpt={tiny_ckpt}", "sampler=ddim10", "num_samples=6", "batch_size=4")
+    out = sample(cfg)
+    arrays = np.load(out["npz"])
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (6, 8, 8, 1)
+    assert "arr_1" not in arrays.files  # unconditional model
+    assert Image.open(out["grid"]).size[0] > 8
+    assert out["weights"] == "ema_0.999"
+    leftovers = [n for n in os.listdir(tmp_path / "samples") if n.endswith(".tmp") or n.endswith("_shards")]
+    assert leftovers == []
+
+
+def test_same_seed_same_images_and_other_seed_differs(compose_cfg, tiny_ckpt, tmp_path):
+    def draw(seed, folder):
+        cfg = compose_cfg("sample", ["progress=false", f"ckpt={tiny_ckpt}", "sampler=ddim10", "num_samples=4",
+                                     "batch_size=2", f"seed={seed}"], output_dir=tmp_path / folder)
+        return np.load(sample(cfg)["npz"])["arr_0"]
+
+    np.testing.assert_array_equal(draw(3, "a"), draw(3, "b"))
+    assert not np.array_equal(draw(3, "a"), draw(4, "c"))
+
+
+def test_interrupted_sampling_keeps_finished_shards(compose_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """A job killed after its first batch resumes from the shard and ends with the same images."""
+    overrides = [f"ckpt={tiny_ckpt}", "sampler=ddim10", "num_samples=4", "batch_size=2"]
+    reference = np.load(sample(sample_cfg(compose_cfg, tmp_path / "ref", *overrides))["npz"])["arr_0"]
+
+    calls = {"n": 0}
+    original = sample_job.sample_batch
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated pre-emption")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample_job, "sample_batch", crash_on_second)
+    cfg = sample_cfg(compose_cfg, tmp_path / "run", *overrides)
+    with pytest.raises(KeyboardInterrupt):
+        sample(cfg)
+    npz, _, shards = sample_job.output_paths(cfg, (1, 8, 8))
+    assert not os.path.exists(npz) and os.listdir(shards) == ["batch_000000.npz"]
+
+    monkeypatch.setattr(sample_job, "sample_batch", original)
+    resumed = np.load(sample(cfg)["npz"])["arr_0"]
+    np.testing.assert_array_equal(resumed, reference)
+
+
+def test_evaluate_nll_writes_json(compose_cfg, tiny_ckpt, tmp_path):
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", "metric=nll", "max_batches=1", "batch_size=8",
+                                   "progress=false"], output_dir=tmp_path / "eval")
+    results = evaluate(cfg)
+    saved = json.load(open(tmp_path / "eval" / "nll.json"))
+    assert saved["bpd"] == pytest.approx(results["bpd"]) and saved["num_images"] == 8
+    assert len(saved["vb_terms_bpd"]) == 50
+    # The total is the prior plus every term of the bound (DDPM eq. 5).
+    assert saved["bpd"] == pytest.approx(saved["prior_bpd"] + sum(saved["vb_terms_bpd"]), rel=1e-5)
+
+
+def test_evaluate_fid_on_digits(compose_cfg, tiny_ckpt, tmp_path):
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", "metric=fid", "sampler=ddim10", "num_samples=20",
+                                   "batch_size=20", "progress=false", f"cache_dir={tmp_path / 'cache'}"],
+                      output_dir=tmp_path / "eval")
+    results = evaluate(cfg)
+    assert results["fid_digits"] > 0 and results["num_samples"] == 20
+    assert results["classifier_test_accuracy"] > 0.9
+
+
+# ------------------------------------------------------------- the analytic denoiser
+MU, STD, T = 0.0, 0.25, 100
+
+
+@pytest.mark.parametrize("overrides, kind", [
+    (["sampler=ddpm"], "ddpm"),
+    (["sampler=ddim50"], "ddim"),
+    (["sampler=ddpm", "sampler.respacing='10,15,20'"], "ddpm"),
+])
+def test_sample_job_with_the_analytic_denoiser(compose_cfg, tmp_path, monkeypatch, overrides, kind):
+    """The sample job's output (uint8, via shards) has the exact moments of its sampler's
+    chain when the model is the Bayes-optimal denoiser of N(0, 0.25^2) data."""
+    process = GaussianDiffusion(betas=get_named_beta_schedule("linear", T), model_mean_type="epsilon",
+                                model_var_type="fixed_small", loss_type="mse")
+    loaded = LoadedCheckpoint(model=GaussianDataDenoiser(process, MU, STD), diffusion=process, config={},
+                              image_shape=(1, 2, 2), num_classes=None, weights="analytic", global_step=None)
+    monkeypatch.setattr(sample_job, "load_checkpoint", lambda path, weights: loaded)
+    cfg = sample_cfg(compose_cfg, tmp_path, "ckpt=analytic", *overrides, "num_samples=4000", "batch_size=1000",
+                     "clip_denoised=false", "device=cpu")
+    images = np.load(sample(cfg)["npz"])["arr_0"].astype(np.float64) / 127.5 - 1
+    sampler = sample_job.hydra.utils.instantiate(cfg.sampler)
+    mean, var = chain_moments(process.alphas_cumprod, sampler.timesteps(T), kind, mu=MU, s=STD)
+    # uint8 rounding adds a uniform error of variance (1/127.5)^2/12 (Sheppard's correction).
+    assert_moments(torch.from_numpy(images), mean, var + (1 / 127.5) ** 2 / 12)
+
+
+# ------------------------------------------------------------------------ bad input
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_missing_and_corrupt_checkpoints(compose_cfg, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.ckpt"):
+        sample(sample_cfg(compose_cfg, tmp_path, f"ckpt={tmp_path / 'nope.ckpt'}"))
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x80\x02 this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        sample(sample_cfg(compose_cfg, tmp_path, f"ckpt={corrupt}"))
+    assert not list((tmp_path / "samples").glob("*.npz")) if (tmp_path / "samples").exists() else True
+
+
+def test_more_steps_than_the_process_has(compose_cfg, tiny_ckpt, tmp_path):
+    cfg = sample_cfg(compose_cfg, tmp_path, f"ckpt={tiny_ckpt}", "sampler=ddim100")
+    with pytest.raises(ValueError, match="100 steps .* only 50"):
+        sample(cfg)
+    assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").rglob("*.npz"))
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
+    out = f"hydra.run.dir={tmp_path / 'cli'}"
+    missing = run_cli("sample.py", f"ckpt={tmp_path / 'missing.ckpt'}", out)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found")
+    unknown = run_cli("sample.py", f"ckpt={tiny_ckpt}", "sampler=ddim51", out)
+    assert unknown.returncode != 0 and "ddim50" in unknown.stderr  # Hydra lists the choices
+    too_many = run_cli("sample.py", f"ckpt={tiny_ckpt}", "sampler=ddim250", out)
+    assert too_many.returncode == 2 and "only 50" in too_many.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "cli").rglob("*.npz"))
