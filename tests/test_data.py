@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import save_image, write_celeba, write_cifar10, write_imagenet64
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -146,41 +147,6 @@ def test_setup_rejects_batch_larger_than_train_split():
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
-def write_cifar10(root: Path, n: int = 20) -> dict[str, dict]:
-    """cifar-10-batches-py as the official archive unpacks: pickled dicts, 'data' (n, 3072)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    entries = {}
-    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
-        entries[name] = {
-            "batch_label": f"{name} of fixture",
-            "labels": rng.integers(0, 10, n).tolist(),
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "filenames": [f"{name}_{k}.png" for k in range(n)],
-        }
-        # Python 2 wrote these keys as byte strings; torchvision's latin1 decoding makes str.
-        (folder / name).write_bytes(pickle.dumps(entries[name], protocol=2))
-    meta = {
-        "num_cases_per_batch": n,
-        "num_vis": 3072,
-        "label_names": [
-            "airplane",
-            "automobile",
-            "bird",
-            "cat",
-            "deer",
-            "dog",
-            "frog",
-            "horse",
-            "ship",
-            "truck",
-        ],
-    }
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return entries
-
-
 @pytest.fixture
 def cifar_root(tmp_path):
     entries = write_cifar10(tmp_path / "cifar10")
@@ -270,20 +236,6 @@ def test_cifar10_unreadable_batch_is_reported(cifar_root):
 
 
 # ----------------------------------------------------------------------------- CelebA
-def write_celeba(folder: Path, partitions=(0,) * 8 + (1,) * 2 + (2,) * 2) -> None:
-    """celeba/img_align_celeba/*.jpg (178x218) and list_eval_partition.txt; each image is
-    black but for a white 140x140 square exactly where the center crop falls."""
-    images = folder / "img_align_celeba"
-    images.mkdir(parents=True)
-    pixels = np.zeros((218, 178, 3), np.uint8)
-    pixels[39:179, 19:159] = 255  # top (218-140)/2, left (178-140)/2
-    lines = []
-    for k, part in enumerate(partitions, start=1):
-        Image.fromarray(pixels).save(images / f"{k:06d}.jpg", quality=95)
-        lines.append(f"{k:06d}.jpg {part}")
-    (folder / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
-
-
 def test_celeba_crop_resize_splits_and_no_labels(tmp_path):
     write_celeba(tmp_path / "celeba")
     dm = D.CelebADataModule(str(tmp_path), batch_size=4, **LOADER_KW)
@@ -332,31 +284,6 @@ def test_celeba_missing_files_name_the_path(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ImageNet 64x64
-def write_imagenet64(root: Path, n_train: int = 6, n_val: int = 8) -> dict[str, dict]:
-    """train_data_batch_1..10.npz and val_data.npz with the real keys: 'data' (N, 12288) uint8
-    of R, G, B planes, 'labels' 1..1000, and 'mean' in the train batches. Batches 9 and 10 are
-    compressed (np.savez_compressed), the others stored (np.savez)."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for k in range(1, 12):
-        name = f"train_data_batch_{k}.npz" if k <= 10 else "val_data.npz"
-        n = n_train if k <= 10 else n_val
-        arrays[name] = {
-            "data": rng.integers(0, 256, (n, 12288), dtype=np.uint8),
-            "labels": rng.integers(1, 1001, n).tolist(),
-        }
-        if k <= 10:
-            arrays[name]["mean"] = arrays[name]["data"].mean(0)
-        save = np.savez_compressed if k in (9, 10) else np.savez
-        save(root / name, **arrays[name])
-    val = arrays["val_data.npz"]
-    val["labels"][:2] = [1, 1000]
-    val["data"][0] = np.repeat(np.array([10, 20, 30], np.uint8), 64 * 64)  # planes R=10, G=20, B=30
-    np.savez(root / "val_data.npz", **val)
-    return arrays
-
-
 def imagenet(root, **kwargs):
     return D.ImageNet64DataModule(
         str(root), **{"val_size": 10, "batch_size": 4, **LOADER_KW, **kwargs}
@@ -458,15 +385,6 @@ def test_imagenet64_wrong_keys_and_shapes_name_the_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- image folders
-def save_image(path: Path, width=48, height=16, mode="RGB"):
-    """Black, with a white square of side ``height`` in the middle: what the center crop keeps."""
-    pixels = np.zeros((height, width, 3), np.uint8)
-    left = (width - height) // 2
-    pixels[:, left : left + height] = 255
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).convert(mode).save(path)
-
-
 @pytest.fixture
 def class_tree(tmp_path):
     root = tmp_path / "tree"
