@@ -9,11 +9,13 @@ process and the sampler are the ones sample.py uses.
 
 from __future__ import annotations
 
+# ruff: noqa: I001  (common imports diffusion, which must precede lightning and torchvision)
+
+from common import compose_preset, device_name, record, stamp  # first: imports diffusion
+
 import argparse
 import tempfile
 import time
-
-from common import compose_preset, device_name, record, stamp  # first: imports diffusion
 
 import hydra
 import torch
@@ -21,6 +23,7 @@ import torch
 from diffusion.jobs.common import autocast_for
 from diffusion.sampling import get_sampler
 from diffusion.training.module import build_unet
+
 
 SHAPES = {"digits_quickstart": (8, 1), "cifar_cosine_learned_sigma": (32, 3)}
 

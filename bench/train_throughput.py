@@ -11,11 +11,13 @@ Lightning. The first steps are discarded as warm-up.
 
 from __future__ import annotations
 
+# ruff: noqa: I001  (common imports diffusion, which must precede lightning and torchvision)
+
+from common import compose_preset, device_name, record, stamp  # first: imports diffusion
+
 import argparse
 import tempfile
 import time
-
-from common import compose_preset, device_name, record, stamp  # first: imports diffusion
 
 import hydra
 import lightning as L

@@ -7,8 +7,9 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
-from conftest import EXPERIMENTS, TINY_UNET
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
+
+from conftest import EXPERIMENTS, TINY_UNET
 
 EXPECTED = {
     "digits_quickstart": dict(

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, compose_config
 from diffusion import GaussianDiffusion, get_named_beta_schedule
 from diffusion.jobs import sample as sample_job
 from diffusion.jobs.evaluate import evaluate
@@ -20,6 +19,8 @@ from diffusion.jobs.sample import sample
 from diffusion.process.analytic import GaussianDataDenoiser
 from diffusion.training.checkpoint import CheckpointError, LoadedCheckpoint
 from diffusion.training.run import train
+
+from conftest import REPO, compose_config
 from test_sampling import assert_moments, chain_moments
 from test_train import TINY_RUN
 
@@ -169,3 +170,25 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     too_many = run_cli("sample.py", f"ckpt={tiny_ckpt}", "sampler=ddim250", out)
     assert too_many.returncode == 2 and "only 50" in too_many.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "cli").rglob("*.npz"))
+
+
+def test_sample_from_a_converted_improved_diffusion_checkpoint(compose_cfg, tmp_path):
+    """python -m diffusion.convert's output feeds sample.py directly (class-conditional,
+    learned sigmas): the converted weights are used as they are."""
+    from diffusion.nets.convert import main as convert_main
+    from diffusion.training.checkpoint import load_checkpoint
+
+    from test_convert import CLI_ARGS, tiny_iddpm_state_dict
+
+    state = tiny_iddpm_state_dict()
+    torch.save(state, tmp_path / "model.pt")
+    args = [a if a != "4000" else "50" for a in CLI_ARGS]  # a short process for the test
+    convert_main([str(tmp_path / "model.pt"), str(tmp_path / "converted.ckpt"), *args])
+    loaded = load_checkpoint(str(tmp_path / "converted.ckpt"))
+    assert loaded.weights == "raw" and loaded.num_classes == 1000
+    for key, value in state.items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=0, atol=0)
+    cfg = sample_cfg(compose_cfg, tmp_path, f"ckpt={tmp_path / 'converted.ckpt'}", "sampler=ddim10",
+                     "num_samples=3", "batch_size=3", "class_labels=[7,8]")
+    arrays = np.load(sample(cfg)["npz"])
+    assert arrays["arr_0"].shape == (3, 16, 16, 3) and arrays["arr_1"].tolist() == [7, 8, 7]

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_UNET
 from diffusion.training.run import train
+
+from conftest import REPO, TINY_UNET
 
 # A tiny UNet on the digits with a 50-step process: seconds per run on a CPU.
 TINY_RUN = [
