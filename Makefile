@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Tests use tiny tensors, where intra-op threads only add overhead, and some start
+# several processes (DDP, kill-and-resume): one thread each keeps 2 cores busy, not thrashing.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: setup
-	$(PY) -m pytest -m "not gpu"
+	$(TEST_ENV) $(PY) -m pytest -m "not gpu"
 
 test-fast: setup
-	$(PY) -m pytest -m "not gpu and not slow"
+	$(TEST_ENV) $(PY) -m pytest -m "not gpu and not slow"
 
 lint: setup
 	$(PY) -m ruff check src tests bench train.py sample.py evaluate.py

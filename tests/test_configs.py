@@ -28,6 +28,12 @@ EXPECTED = {
     "celeba64_cosine_hybrid": dict(
         steps=4000, var="learned_range", loss="rescaled_mse", data="CelebADataModule"
     ),
+    "cifar_cosine_v_minsnr": dict(
+        steps=1000, var="fixed_large", loss="mse", data="Cifar10DataModule"
+    ),
+    "cifar_cond_cfg": dict(
+        steps=4000, var="learned_range", loss="rescaled_mse", data="Cifar10DataModule"
+    ),
 }
 
 

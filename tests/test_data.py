@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import save_image, write_celeba, write_cifar10, write_imagenet64
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -20,6 +19,8 @@ from sklearn.datasets import load_digits
 import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from diffusion.training import data as D
 from diffusion.training import datasets as ds
+
+from fixtures import save_image, write_celeba, write_cifar10, write_imagenet64
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 LOADER_KW = dict(num_workers=0, pin_memory=False)
@@ -104,9 +105,12 @@ def test_digits_loaders_shuffle_and_drop_last_only_for_train():
     dm.setup()
     assert len(dm.train_dataloader()) == 1437 // 100
     assert len(dm.val_dataloader()) == 2  # 180 images: the last, partial batch is kept
-    torch.manual_seed(0)
-    first = [next(iter(dm.train_dataloader()))[0] for _ in range(2)]
-    assert not torch.equal(*first)
+    # The training order is drawn from the run's seed and the epoch (training/resume.py):
+    # the same for two loaders of one run, different from one epoch to the next.
+    loader = dm.train_dataloader()
+    epochs = [[images for images, _ in loader][0] for _ in range(2)]  # two whole epochs
+    assert not torch.equal(*epochs)
+    assert torch.equal(next(iter(dm.train_dataloader()))[0], epochs[0])
     val = [next(iter(dm.val_dataloader()))[0] for _ in range(2)]
     assert torch.equal(*val) and torch.equal(val[0], dm.val_set.tensors[0][:100])
     images, labels = next(iter(dm.train_dataloader()))

@@ -325,6 +325,10 @@ def test_num_function_evals(name):
         "ddim100": 100,
         "ddim250": 250,
         "ddim50_eta1": 50,
+        "dpmpp2m10": 10,
+        "dpmpp2m20": 20,
+        "heun18": 35,  # 2 evaluations a step, Euler on the last (EDM Algorithm 1)
+        "euler_a50": 50,
     }
     assert get_sampler(name).num_function_evals(4000) == expected[name]
 

@@ -6,7 +6,9 @@ batch-to-device assignment, several devices split the batches without sharing a 
 and finished batches are kept as shard files, so an interrupted job resumes where it was.
 The final ``samples_NxHxWxC.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels for
 class-conditional models: the format of guided-diffusion's evaluation suite) and the grid
-are written atomically.
+are written atomically. Classifier-free guidance is the sampler's ``guidance_scale``; the
+job passes the UNet's null label beside the labels (``model_kwargs["null_label"]``, see
+`diffusion.sampling.guidance`), and ``arr_1`` holds the labels guided towards.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.jobs.common import autocast_for, batch_generator, images_progress, resolve_devices
+from diffusion.sampling.guidance import NULL_LABEL_KEY, check_guidance
 from diffusion.training.callbacks import save_image_grid
 from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
 from diffusion.utils.atomic import atomic_savez
@@ -57,7 +60,7 @@ def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int,
                  device: torch.device) -> dict[str, np.ndarray]:
     generator = batch_generator(cfg.seed, index, device)
     labels = batch_labels(cfg, loaded, index, size, generator)
-    model_kwargs = {} if labels is None else {"y": labels}
+    model_kwargs = {} if labels is None else {"y": labels, NULL_LABEL_KEY: null_label(loaded)}
     autocast = autocast_for(device, cfg.precision)
 
     def model(x, t, **kwargs):
@@ -73,6 +76,11 @@ def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int,
     if labels is not None:
         out["arr_1"] = labels.cpu().numpy().astype(np.int64)
     return out
+
+
+def null_label(loaded: LoadedCheckpoint) -> int | None:
+    """The UNet's "no label" index (a model trained with label dropout), else None."""
+    return getattr(loaded.model, "null_label", None)
 
 
 def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
@@ -117,6 +125,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)  # fail fast on a bad checkpoint
     sampler = hydra.utils.instantiate(cfg.sampler)
     sampler.check(loaded.diffusion)  # e.g. more steps than the process has
+    check_guidance(sampler.guidance_scale, conditional=loaded.num_classes is not None,
+                   null_label=null_label(loaded))  # fail before any worker starts
     npz_path, grid_path, shard_dir = output_paths(cfg, loaded.image_shape)
     os.makedirs(shard_dir, exist_ok=True)
     sizes = batch_sizes(cfg.num_samples, cfg.batch_size)

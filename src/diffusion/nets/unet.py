@@ -10,7 +10,7 @@ zero-initialised output convolutions so a fresh model predicts 0.
 Layout (module names as improved-diffusion's, so its checkpoints convert one-to-one):
 
     time_embed     Linear(C, 4C), SiLU, Linear(4C, 4C)
-    label_emb      Embedding(num_classes, 4C)                  (class-conditional only)
+    label_emb      Embedding(num_classes [+ 1 null row], 4C)   (class-conditional only)
     input_blocks   conv_in, then per level: num_res_blocks x [ResBlock, (Attention)],
                    and a Downsample (or down-ResBlock) between levels
     middle_block   ResBlock, Attention, ResBlock
@@ -91,6 +91,10 @@ class UNet(nn.Module):
         channel_mult: multipliers per level; None picks ``DEFAULT_CHANNEL_MULT[image_size]``.
         conv_resample: learned 3x3 convolutions in up/downsampling (else nearest / avg-pool).
         num_classes: number of class labels for a class-conditional model, else None.
+        null_class: add one more label, index ``num_classes`` (exposed as ``null_label``),
+            meaning "no label": the unconditional model of classifier-free guidance (Ho &
+            Salimans 2022, arXiv 2207.12598, sec. 3.2), learned by dropping labels in
+            training. Needs ``num_classes``. ``null_label`` is None without it.
         use_checkpoint: gradient checkpointing in every residual and attention block.
         num_heads: attention heads (when ``num_head_channels`` is -1).
         num_head_channels: channels per head; overrides ``num_heads`` when not -1.
@@ -112,6 +116,7 @@ class UNet(nn.Module):
         channel_mult: Sequence[int] | None = None,
         conv_resample: bool = True,
         num_classes: int | None = None,
+        null_class: bool = False,
         use_checkpoint: bool = False,
         num_heads: int = 4,
         num_head_channels: int = -1,
@@ -130,6 +135,11 @@ class UNet(nn.Module):
             image_size, model_channels, num_res_blocks, channel_mult, attention_resolutions,
             num_classes, dropout,
         )
+        if null_class and num_classes is None:
+            raise ValueError(
+                "null_class=True needs a class-conditional UNet (num_classes set): the null "
+                "label is the 'no label' input of classifier-free guidance"
+            )
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -140,6 +150,9 @@ class UNet(nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.num_classes = num_classes
+        self.null_class = bool(null_class)
+        # the label index that means "no label" (classifier-free guidance), or None
+        self.null_label = num_classes if null_class else None
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
@@ -151,8 +164,9 @@ class UNet(nn.Module):
             out_channels=out_channels, num_res_blocks=num_res_blocks,
             attention_resolutions=list(attention_resolutions), dropout=dropout,
             channel_mult=list(channel_mult), conv_resample=conv_resample,
-            num_classes=num_classes, use_checkpoint=use_checkpoint, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+            num_classes=num_classes, null_class=bool(null_class), use_checkpoint=use_checkpoint,
+            num_heads=num_heads, num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
             use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
         )
 
@@ -163,8 +177,8 @@ class UNet(nn.Module):
             nn.Linear(time_embed_dim, time_embed_dim),
         )
         if num_classes is not None:
-            # num_classes rows; classifier-free guidance will add its null class here later.
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            # one row per class, plus the null label's row (last) for classifier-free guidance
+            self.label_emb = nn.Embedding(num_classes + int(null_class), time_embed_dim)
         skip_channels = self._build_input_blocks(time_embed_dim)
         ch = skip_channels[-1]
         self.middle_block = TimestepEmbedSequential(
@@ -255,7 +269,8 @@ class UNet(nn.Module):
             x: (N, in_channels, H, W) noisy images; H and W divisible by 2^(levels − 1).
             timesteps: (N,) step indices (int) or rescaled steps (float); a scalar is
                 broadcast to the batch.
-            y: (N,) int64 class labels; required iff the model has ``num_classes``.
+            y: (N,) int64 class labels in [0, num_classes), or ``null_label`` (= num_classes)
+                with ``null_class``; required iff the model has ``num_classes``.
 
         Returns:
             (N, out_channels, H, W) in the dtype of ``x``.

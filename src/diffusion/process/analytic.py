@@ -11,12 +11,19 @@ and the true reverse step q(x_{t-1} | x_t) is itself Gaussian, with mean
 E[μ̃(x_0, x_t) | x_t] and variance β̃_t + coef1² Var[x_0 | x_t] (law of total variance;
 coef1 = posterior_mean_coef1). A model that outputs these is the minimiser of every loss
 of the process, which makes it a test oracle with closed-form answers.
+
+Fractional timesteps (the continuous-σ samplers of diffusion.sampling.sigmas call the model
+between the grid points): ᾱ at a fractional index t is 1/(1 + σ(t)²), where log σ is
+interpolated linearly in t between the neighbouring steps' σ_i = √((1−ᾱ_i)/ᾱ_i)
+(k-diffusion's DiscreteSchedule convention, the samplers' own). The variance channels of
+learned-variance models are only defined on the grid and are given at the nearest step.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,10 +49,26 @@ class GaussianDataDenoiser(nn.Module):
         self.mean = float(mean)
         self.std = float(std)
 
+    def _fractional_index(self, t: torch.Tensor) -> torch.Tensor:
+        """Float t as a float64 index into the T steps (t·T/1000 undone when rescaled)."""
+        if self.diffusion.rescale_timesteps:
+            return t.double() * (self.diffusion.num_timesteps / 1000.0)
+        return t.double()
+
     def _indices(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():  # rescaled timesteps t·1000/T back to indices
-            return torch.round(t.double() * (self.diffusion.num_timesteps / 1000.0)).long()
+        """The nearest grid index of each timestep (int64)."""
+        if t.is_floating_point():
+            return torch.round(self._fractional_index(t)).long()
         return t.long()
+
+    def _on_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """True where t is a grid step: an integer, or a float within rounding of one (the
+        process's own rescaled t·1000/T in float32 is off by up to ~1e-7 relative)."""
+        if not t.is_floating_point():
+            return torch.ones_like(t, dtype=torch.bool)
+        index = self._fractional_index(t)
+        tol = 8 * torch.finfo(t.dtype).eps * index.abs().clamp(min=1.0)
+        return (index - torch.round(index)).abs() <= tol
 
     def _a_b(self, x_t, t):
         d = self.diffusion
@@ -53,9 +76,42 @@ class GaussianDataDenoiser(nn.Module):
             d.sqrt_one_minus_alphas_cumprod, t, x_t
         )
 
+    def _interpolated_a_b(self, x_t, t):
+        """a = √ᾱ(t), b = √(1−ᾱ(t)) at fractional t: log σ linear in t between the steps,
+        ᾱ = 1/(1 + σ²); a = 1/√(1 + σ²), b = 1/√(1 + σ⁻²) (no 1 − ᾱ cancellation, and finite
+        at σ = ∞, zero terminal SNR). Float64 on the host, then cast to x_t's dtype and
+        device; shapes (B, 1, ..., 1)."""
+        d = self.diffusion
+        index = self._fractional_index(t).cpu()
+        last = d.num_timesteps - 1
+        if bool(((index < 0) | (index > last)).any()):
+            raise ValueError(
+                f"fractional timesteps must lie in [0, {last}] (as indices), got "
+                f"{index.min().item()}..{index.max().item()}"
+            )
+        log_sigmas = torch.from_numpy(np.log(d.sqrt_recipm1_alphas_cumprod))  # (T,)
+        lo = index.floor().long().clamp(max=max(last - 1, 0))
+        hi = (lo + 1).clamp(max=last)
+        log_sigma = log_sigmas[lo] + (index - lo) * (log_sigmas[hi] - log_sigmas[lo])
+        sigma = torch.exp(log_sigma)
+        a, b = torch.rsqrt(1.0 + sigma**2), torch.rsqrt(1.0 + sigma**-2)
+        shape = (-1, *([1] * (x_t.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+        return tuple(v.to(x_t.dtype).to(x_t.device).view(shape) for v in (a, b))
+
+    def _alphas(self, x_t, t):
+        """(a, b) = (√ᾱ, √(1−ᾱ)): the schedule's own values on the grid (bit-identical to
+        integer t), the log-σ interpolation between grid steps."""
+        a, b = self._a_b(x_t, self._indices(t))
+        on_grid = self._on_grid(t)
+        if bool(on_grid.all()):
+            return a, b
+        a_frac, b_frac = self._interpolated_a_b(x_t, t)
+        keep = on_grid.to(x_t.device).view(a.shape)  # (B,) -> (B, 1, ..., 1)
+        return torch.where(keep, a, a_frac), torch.where(keep, b, b_frac)
+
     def posterior_mean_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """E[x_0 | x_t] = μ + a s²/(a² s² + b²)·(x_t − a μ)."""
-        a, b = self._a_b(x_t, self._indices(t))
+        a, b = self._alphas(x_t, t)
         s2 = self.std**2
         return self.mean + a * s2 / (a**2 * s2 + b**2) * (x_t - a * self.mean)
 
@@ -72,7 +128,9 @@ class GaussianDataDenoiser(nn.Module):
 
     def posterior_var_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Var[x_0 | x_t] = s² b²/(a² s² + b²), of x_t's shape."""
-        return self._var_x0(x_t, self._indices(t)).expand_as(x_t)
+        a, b = self._alphas(x_t, t)
+        s2 = self.std**2
+        return (s2 * b**2 / (a**2 * s2 + b**2)).expand_as(x_t)
 
     def reverse_variance(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Var[x_{t-1} | x_t] = β̃_t + coef1_t² Var[x_0 | x_t], the optimal Σ_θ, of x_t's shape."""
@@ -82,8 +140,13 @@ class GaussianDataDenoiser(nn.Module):
         d = self.diffusion
         idx = self._indices(t)
         x0 = self.posterior_mean_x0(x_t, t)
-        a, b = self._a_b(x_t, idx)
+        a, b = self._alphas(x_t, t)
         eps = (x_t - a * x0) / b
+        if d.model_mean_type == ModelMeanType.PREVIOUS_X and not bool(self._on_grid(t).all()):
+            raise ValueError(
+                "model_mean_type='previous_x' is only defined on the grid steps (x_{t-1} "
+                "needs the step's posterior coefficients); got fractional timesteps"
+            )
         return {
             ModelMeanType.START_X: lambda: x0,
             ModelMeanType.EPSILON: lambda: eps,

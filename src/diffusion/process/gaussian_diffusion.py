@@ -5,7 +5,9 @@ model trained there gives the same numbers here: 0-based ``t`` (index 0 holds th
 noising step), float64 schedule constants, the same clipping of the posterior
 log-variance and the same T/1000 factor on the hybrid loss's vb term.
 Beyond that codebase: the ``"v"`` parameterisation (Salimans & Ho 2022, arXiv 2202.00512,
-sec. 4), ``generator=`` on every sampler, and validated string/enum choices.
+sec. 4), ``generator=`` on every sampler, validated string/enum choices, the Min-SNR-γ
+loss weighting (Hang et al. 2023, arXiv 2303.09556) and schedules with zero terminal SNR,
+ᾱ_T = 0 (Lin et al. 2023, arXiv 2305.08891; see ``schedules.rescale_zero_terminal_snr``).
 
 Notation (identifier -> paper symbol, DDPM arXiv 2006.11239 / IDDPM arXiv 2102.09672):
 
@@ -17,6 +19,7 @@ Notation (identifier -> paper symbol, DDPM arXiv 2006.11239 / IDDPM arXiv 2102.0
 ``posterior_mean_coef1/2``  the coefficients of x_0 and x_t in μ̃ (DDPM eq. 7)
 ``pred_xstart``             x̂_0, the model's estimate of x_0
 ``eps``, ``v``              ε, and v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022, sec. 4)
+``snr``                     SNR_t = ᾱ_t/(1 − ᾱ_t)
 ==========================  ===================================================
 """
 
@@ -72,7 +75,41 @@ class LossType(_Choice):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
+class LossWeighting(_Choice):
+    """A per-step weight on the MSE term of the loss (the vb term is never reweighted)."""
+
+    NONE = "none"  # L_simple as in DDPM / improved-diffusion
+    MIN_SNR = "min_snr"  # Min-SNR-γ (Hang et al. 2023, arXiv 2303.09556, sec. 3.4)
+
+
 _LEARNED_VARS = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+
+
+def min_snr_loss_weights(alphas_cumprod, model_mean_type, gamma: float) -> np.ndarray:
+    """Min-SNR-γ weights w_t of the MSE term, float64, shape (T,) (Hang et al. 2023,
+    arXiv 2303.09556, sec. 3.4).
+
+    The x_0 loss is weighted by min(SNR_t, γ). The other targets' losses are the x_0 loss of
+    the prediction they imply times a factor (x̂_0 − x_0 = −(ε̂ − ε)/√SNR_t = −√(1−ᾱ_t)(v̂ − v)),
+    so their weights divide that factor out: ε: min(SNR_t, γ)/SNR_t = min(1, γ/SNR_t) (its
+    limit 1 at SNR_t = 0), v: min(SNR_t, γ)/(SNR_t + 1). μ̃ (previous_x) has no such form.
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)  # 1 − ᾱ_t ≥ β_1 > 0
+    clipped = np.minimum(snr, gamma)
+    with np.errstate(divide="ignore"):  # γ/0 = inf at a zero-SNR step: min(1, inf) = 1
+        by_target = {
+            ModelMeanType.START_X: lambda: clipped,
+            ModelMeanType.EPSILON: lambda: np.minimum(1.0, gamma / snr),
+            ModelMeanType.V: lambda: clipped / (snr + 1.0),
+        }
+        return by_target[model_mean_type]()
+
+
+def _positive_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def _randn(shape, generator: torch.Generator | None, dtype=None, device=None) -> torch.Tensor:
@@ -104,14 +141,31 @@ class GaussianDiffusion:
     :param loss_type: a LossType or its string.
     :param rescale_timesteps: pass the model float timesteps t·1000/T instead of indices,
         so that it always sees the 0..1000 range of the original paper.
+    :param loss_weighting: a LossWeighting or its string: ``"none"`` (the losses of
+        improved-diffusion, bit for bit) or ``"min_snr"`` (Min-SNR-γ on the MSE term, for
+        the epsilon, start_x and v targets; see ``min_snr_loss_weights``).
+    :param min_snr_gamma: γ of Min-SNR-γ (5 in Hang et al.); used with ``"min_snr"`` only.
+
+    Betas whose last entry is 1 give ᾱ_T = 0 (zero terminal SNR, Lin et al. 2023): every
+    method stays finite for the start_x, v and previous_x parameterisations; epsilon is
+    refused, since x̂_0 = (x_T − √(1−ᾱ_T) ε̂)/√ᾱ_T is undefined there.
     """
 
     def __init__(
-        self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps: bool = False
+        self,
+        *,
+        betas,
+        model_mean_type,
+        model_var_type,
+        loss_type,
+        rescale_timesteps: bool = False,
+        loss_weighting="none",
+        min_snr_gamma: float = 5.0,
     ):
         self.model_mean_type = ModelMeanType.parse(model_mean_type, "model_mean_type")
         self.model_var_type = ModelVarType.parse(model_var_type, "model_var_type")
         self.loss_type = LossType.parse(loss_type, "loss_type")
+        self.loss_weighting = LossWeighting.parse(loss_weighting, "loss_weighting")
         self.rescale_timesteps = bool(rescale_timesteps)
 
         betas = np.array(betas, dtype=np.float64)  # float64 for accuracy, computed once
@@ -128,8 +182,11 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        # inf where ᾱ_t = 0; only the epsilon parameterisation reads them, and it is refused
+        # there (_check_zero_terminal_snr)
+        with np.errstate(divide="ignore"):
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
         # q(x_{t-1} | x_t, x_0), DDPM eqs. 6-7
         self.posterior_variance = (
             betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -147,6 +204,33 @@ class GaussianDiffusion:
         # fixed_large: β_t, but β̃ at t = 0 for a better decoder likelihood (DDPM sec. 3.2)
         self.fixed_large_variance = np.append(first, betas[1:])
         self.log_betas = np.log(betas)
+        self.zero_terminal_snr = bool(self.alphas_cumprod[-1] == 0.0)
+        self._check_zero_terminal_snr()
+        self.min_snr_gamma = _positive_float(min_snr_gamma, "min_snr_gamma")
+        self.mse_loss_weights = self._mse_loss_weights()
+
+    def _check_zero_terminal_snr(self) -> None:
+        if self.zero_terminal_snr and self.model_mean_type == ModelMeanType.EPSILON:
+            raise ValueError(
+                "model_mean_type='epsilon' is ill-posed with zero terminal SNR (ᾱ_T = 0: x_T "
+                "holds no trace of x_0, and x̂_0 = (x_T − ε̂)/√ᾱ_T divides by 0); use "
+                "model_mean_type=v (Lin et al. 2023, arXiv 2305.08891, sec. 3.2) or start_x, "
+                "or a schedule with zero_terminal_snr=false"
+            )
+
+    def _mse_loss_weights(self) -> np.ndarray | None:
+        """The per-step weights of the MSE term (T,), or None for ``loss_weighting="none"``."""
+        if self.loss_weighting == LossWeighting.NONE:
+            return None
+        if self.loss_type.is_vb() or self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            raise ValueError(
+                f"loss_weighting='min_snr' weights the MSE of an epsilon, start_x or v target; "
+                f"got model_mean_type={self.model_mean_type.value!r} with "
+                f"loss_type={self.loss_type.value!r}. Use model_mean_type one of "
+                f"['epsilon', 'start_x', 'v'] with loss_type one of ['mse', 'rescaled_mse'], "
+                f"or loss_weighting='none'"
+            )
+        return min_snr_loss_weights(self.alphas_cumprod, self.model_mean_type, self.min_snr_gamma)
 
     # ----------------------------------------------------------------- forward process
     def q_mean_variance(self, x_start, t):
@@ -190,7 +274,12 @@ class GaussianDiffusion:
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        """ε = (x_t/√ᾱ − x_0)/√(1/ᾱ − 1)."""
+        """ε = (x_t/√ᾱ − x_0)/√(1/ᾱ − 1) (improved-diffusion's form), or with zero terminal
+        SNR the same ε = (x_t − √ᾱ x_0)/√(1−ᾱ), which stays finite at ᾱ = 0 (ε = x_T)."""
+        if self.zero_terminal_snr:
+            return (
+                x_t - extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t) * pred_xstart
+            ) / extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         return (
             extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart
         ) / extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t)
@@ -549,8 +638,9 @@ class GaussianDiffusion:
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
         """Per-example losses at timesteps ``t`` (one term of the objective per example).
 
-        :return: dict of (B,) tensors: ``loss``, plus ``mse`` and ``vb`` where they apply;
-            always ``loss == mse + vb`` with absent terms counting as 0.
+        :return: dict of (B,) tensors: ``loss``, plus ``mse`` (weighted by ``loss_weighting``)
+            and ``vb`` where they apply; always ``loss == mse + vb`` with absent terms
+            counting as 0.
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
         if noise is None:
@@ -584,6 +674,11 @@ class GaussianDiffusion:
             terms["vb"] = vb
         target = self._mse_target(x_start, x_t, t, noise)
         terms["mse"] = mean_flat((target - model_output) ** 2)
+        if self.mse_loss_weights is not None:
+            # Min-SNR-γ: w_t on the MSE term only (Hang et al. 2023, sec. 3.4)
+            terms["mse"] = terms["mse"] * extract_into_tensor(
+                self.mse_loss_weights, t, terms["mse"]
+            )
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 

@@ -5,6 +5,8 @@
 
 ``diffusion`` is the base process from the checkpoint; the sampler respaces it itself.
 The presets below are also ``configs/sampler/NAME.yaml`` (``sample.py sampler=NAME``).
+The σ-space solvers (``diffusion.sampling.solvers``: DPM-Solver++(2M), EDM's Heun, Euler
+ancestral) call the model at fractional timesteps of the base process instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 from diffusion.sampling.base import Sampler
 from diffusion.sampling.ddim import DDIMSampler
 from diffusion.sampling.ddpm import DDPMSampler
+from diffusion.sampling.solvers import DPMSolverPP2MSampler, EulerAncestralSampler, HeunSampler
 
 SAMPLERS = {
     "ddpm": functools.partial(DDPMSampler),
@@ -25,6 +28,10 @@ SAMPLERS = {
     "ddim100": functools.partial(DDIMSampler, steps=100),
     "ddim250": functools.partial(DDIMSampler, steps=250),
     "ddim50_eta1": functools.partial(DDIMSampler, steps=50, eta=1.0),
+    "dpmpp2m10": functools.partial(DPMSolverPP2MSampler, steps=10),
+    "dpmpp2m20": functools.partial(DPMSolverPP2MSampler, steps=20),
+    "heun18": functools.partial(HeunSampler, steps=18),
+    "euler_a50": functools.partial(EulerAncestralSampler, steps=50),
 }
 
 
@@ -36,4 +43,13 @@ def get_sampler(name: str, **overrides) -> Sampler:
     return SAMPLERS[name](**overrides)
 
 
-__all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "Sampler", "get_sampler"]
+__all__ = [
+    "SAMPLERS",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPP2MSampler",
+    "EulerAncestralSampler",
+    "HeunSampler",
+    "Sampler",
+    "get_sampler",
+]

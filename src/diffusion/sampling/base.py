@@ -9,6 +9,12 @@ It decides which of the T original steps it visits (``timesteps(T)``), builds th
 respaced process over them once per base process (``respaced(diffusion)``, improved-
 diffusion's ``SpacedDiffusion``), and runs that process's sampling loop. All randomness,
 the starting noise included, comes from ``generator``, so one seed gives one set of images.
+
+Every sampler also takes ``guidance_scale`` (classifier-free guidance, Ho & Salimans 2022;
+see ``diffusion.sampling.guidance``), applied here by wrapping the model, so subclasses and
+their configs get it without code of their own: ``sample.py sampler.guidance_scale=3``.
+A guided call passes the model's null label as ``model_kwargs["null_label"]`` beside the
+labels ``"y"``; the sampler removes that key before the model is called.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from diffusion.process.respace import SpacedDiffusion
+from diffusion.sampling.guidance import apply_guidance, check_guidance_scale
 
 
 def _infer_device_dtype(model, generator) -> tuple[torch.device, torch.dtype]:
@@ -57,8 +64,17 @@ def _check_base_process(diffusion) -> None:
 class Sampler(abc.ABC):
     """Base class: subclasses are dataclasses whose fields are their constructor keywords
     (so ``configs/sampler/*.yaml`` instantiate them) and implement ``timesteps`` and
-    ``_run_loop``."""
+    ``_run_loop``; they inherit ``__call__`` (which applies the guidance).
 
+    Args:
+        guidance_scale: classifier-free guidance weight w (keyword-only, on every sampler):
+            None (default) or 1 samples the model as it is called; 0 samples the
+            unconditional model (null labels); w > 1 guides with out_u + w (out_c − out_u),
+            both halves from one forward pass on the doubled batch. Anything but None / 1
+            needs labels ``"y"`` and ``"null_label"`` in ``model_kwargs``.
+    """
+
+    guidance_scale: float | None = dataclasses.field(default=None, kw_only=True)
     _cache: dict = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -77,7 +93,9 @@ class Sampler(abc.ABC):
 
     def check(self, diffusion) -> None:
         """Raise ValueError now if this sampler cannot run on ``diffusion`` (a respaced
-        process, more steps than it has, a step rule without an exact answer)."""
+        process, more steps than it has, a step rule without an exact answer, a guidance
+        scale that is not a number)."""
+        check_guidance_scale(self.guidance_scale)
         self.respaced(diffusion)
 
     def respaced(self, diffusion):
@@ -125,10 +143,12 @@ class Sampler(abc.ABC):
         device and the default float type); pass ``noise`` to choose either. The per-step
         noise also comes from ``generator``, which must live on the model's device.
         ``progress``: True for a tqdm bar, or a callable wrapping the step iterable.
-        Returns x_0 in the model's data scale ([-1, 1] for images).
+        ``model_kwargs``: ``"y"`` labels, and for guidance the ``"null_label"`` index (never
+        passed on to the model). Returns x_0 in the model's data scale ([-1, 1] for images).
         """
         process = self.respaced(diffusion)
-        noise = self._initial_noise(model, shape, noise, generator)
+        noise = self._initial_noise(model, shape, noise, generator)  # before wrapping: its device
+        model, model_kwargs = apply_guidance(model, model_kwargs, self.guidance_scale)
         return self._run_loop(
             process,
             model,

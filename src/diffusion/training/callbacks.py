@@ -164,7 +164,8 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The end of fit, while the module is still on its device (the strategy's teardown,
         # which runs before the on_fit_end hook, moves it to the CPU).
-        if self.draw_at_end and trainer.global_step != self._last_step:
+        # Not after a fast_dev_run: a smoke test of the loop, not a run worth a grid.
+        if self.draw_at_end and trainer.global_step != self._last_step and not trainer.fast_dev_run:
             self.draw(trainer, pl_module)
 
     # ----------------------------------------------------------------------- drawing

@@ -82,7 +82,8 @@ def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
     num_classes = hparams.get("num_classes", data.get("num_classes"))
     model_factory = hydra.utils.instantiate(config["model"], _partial_=True)
     model = build_unet(
-        model_factory, diffusion, image_size=image_size, in_channels=in_channels, num_classes=num_classes
+        model_factory, diffusion, image_size=image_size, in_channels=in_channels,
+        num_classes=num_classes, label_dropout=hparams.get("label_dropout", 0.0),  # > 0: null class
     )
     state, chosen = select_weights(checkpoint, weights, path)
     missing, unexpected = model.load_state_dict(state, strict=False)

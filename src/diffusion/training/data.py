@@ -29,6 +29,7 @@ from torchvision.datasets import utils as tv_utils
 from torchvision.transforms import InterpolationMode, v2
 
 from diffusion.training import datasets as ds
+from diffusion.training.resume import ResumableDataLoader
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -62,6 +63,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"the training split has {len(train)} images, fewer than batch_size="
                              f"{self.batch_size}: with drop_last no batch would be produced")
         self.train_set, self.val_set, self.test_set = train, val, test
+        # The shuffling seed: the run's seed (set by seed_everything before set-up).
+        self.shuffle_seed = torch.initial_seed()
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -75,9 +78,12 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for dataloaders")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                       persistent_workers=self.persistent_workers and self.num_workers > 0)
+        if train:
+            # The order is drawn from the run's seed and resumes mid-epoch (training/resume.py).
+            return ResumableDataLoader(dataset, seed=self.shuffle_seed, **options)
+        return DataLoader(dataset, shuffle=False, drop_last=False, **options)
 
 
 class DigitsDataModule(ImageDataModule):

@@ -31,11 +31,13 @@ def build_unet(
     image_size: int,
     in_channels: int,
     num_classes: int | None,
+    label_dropout: float = 0.0,
 ) -> nn.Module:
     """Finish the partially configured UNet with what the data and the process decide.
 
     The output width follows the variance type (2C for learned variances, mean part
-    first), so that no two config keys can disagree about it.
+    first), and the null class of classifier-free guidance follows ``label_dropout > 0``,
+    so that no two config keys can disagree about either.
     """
     out_channels = in_channels * (2 if diffusion.model_var_type in LEARNED_VARIANCES else 1)
     return model(
@@ -43,7 +45,20 @@ def build_unet(
         in_channels=in_channels,
         out_channels=out_channels,
         num_classes=num_classes,
+        null_class=label_dropout > 0,
     )
+
+
+def check_label_dropout(label_dropout: float, num_classes: int | None) -> None:
+    valid = isinstance(label_dropout, (int, float)) and not isinstance(label_dropout, bool)
+    if not (valid and 0.0 <= label_dropout < 1.0):
+        raise ValueError(f"module.label_dropout={label_dropout!r} must be a number in [0, 1)")
+    if label_dropout > 0 and num_classes is None:
+        raise ValueError(
+            f"module.label_dropout={label_dropout} (classifier-free guidance) needs a "
+            "class-conditional run: set class_cond=true with a labelled dataset, or "
+            "module.label_dropout=0"
+        )
 
 
 def warmup_anneal_factor(step: int, warmup_steps: int, total_steps: int | None, anneal: str) -> float:
@@ -68,6 +83,9 @@ class DiffusionModule(L.LightningModule):
         diffusion: the process, a `GaussianDiffusion`.
         image_size, in_channels: the data's shape.
         num_classes: number of classes for a class-conditional model, else None.
+        label_dropout: p_uncond of classifier-free guidance (Ho & Salimans 2022, arXiv
+            2207.12598, Alg. 1): each training label is replaced by the UNet's null label
+            with this probability; > 0 builds the UNet with a null class. Needs num_classes.
         schedule_sampler: ``"uniform"`` or ``"loss-second-moment"`` (IDDPM sec. 3.3).
         optimizer: a partial optimizer taking the parameters (AdamW by default).
         warmup_steps: linear learning-rate warm-up.
@@ -86,6 +104,7 @@ class DiffusionModule(L.LightningModule):
         image_size: int,
         in_channels: int,
         num_classes: int | None = None,
+        label_dropout: float = 0.0,
         schedule_sampler: str = "uniform",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         warmup_steps: int = 0,
@@ -96,10 +115,12 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         if anneal not in ANNEALING:
             raise ValueError(f"anneal={anneal!r} is not one of {ANNEALING}")
+        check_label_dropout(label_dropout, num_classes)
         self.save_hyperparameters(ignore=["model", "diffusion", "optimizer"])
         self.diffusion = diffusion
         self.model = build_unet(
-            model, diffusion, image_size=image_size, in_channels=in_channels, num_classes=num_classes
+            model, diffusion, image_size=image_size, in_channels=in_channels,
+            num_classes=num_classes, label_dropout=label_dropout,
         )
         self.image_shape = (in_channels, image_size, image_size)
         self.num_classes = num_classes
@@ -111,6 +132,14 @@ class DiffusionModule(L.LightningModule):
     # ----------------------------------------------------------------------------- model
     def model_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"y": labels} if self.num_classes is not None else {}
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace each label by the null label with probability ``label_dropout`` (Ho &
+        Salimans 2022, Alg. 1), drawn on the labels' device without a host sync."""
+        if not self.hparams.label_dropout:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+        return labels.masked_fill(drop, self.model.null_label)
 
     def denoiser(self, x_t: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """The network as the process calls it. Under autocast the UNet may run in half
@@ -124,9 +153,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x_start, labels = batch
         t, weights = self.schedule_sampler.sample(x_start.shape[0], x_start.device)
-        terms = self.diffusion.training_losses(
-            self.denoiser, x_start.float(), t, model_kwargs=self.model_kwargs(labels)
-        )
+        model_kwargs = self.model_kwargs(self.drop_labels(labels))
+        terms = self.diffusion.training_losses(self.denoiser, x_start.float(), t, model_kwargs=model_kwargs)
         if isinstance(self.schedule_sampler, LossAwareSampler):
             # Gathers (t, loss) from every DDP rank before updating the history.
             self.schedule_sampler.update_with_local_losses(t, terms["loss"].detach())

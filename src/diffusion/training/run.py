@@ -35,6 +35,12 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> Diffusio
             f"class_cond=true but the dataset {cfg.data._target_} has no labels; "
             "use class_cond=false or a labelled dataset"
         )
+    if cfg.model.get("out_channels") is not None:
+        raise ValueError(
+            f"model.out_channels={cfg.model.out_channels} is set, but the output width follows "
+            f"diffusion.model_var_type={cfg.diffusion.model_var_type} (2C for learned variances, "
+            "else C); remove model.out_channels"
+        )
     # The run config is passed after instantiation: Hydra would otherwise try to
     # instantiate every _target_ inside it.
     module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)

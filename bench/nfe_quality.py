@@ -1,0 +1,202 @@
+"""Sample quality against the number of model evaluations (NFE) for DDIM, DPM-Solver++(2M)
+and EDM's Heun sampler, on a quickstart (digits) checkpoint.
+
+Every sampler draws the same N samples' starting noise (batch i from the generator seeded
+with (seed, i), as sample.py does) and is scored with the metric evaluate.py reports for
+the digits: fid_digits, the Fréchet distance in the features of a small digits classifier
+(diffusion.evaluation.fid; NOT comparable to Inception FID), against the train split. The
+real test-split digits scored the same way give the floor that N samples can reach.
+
+    python bench/nfe_quality.py --ckpt outputs/.../checkpoints/last.ckpt
+    python bench/nfe_quality.py --ckpt last.ckpt --num-samples 400 --ddim-nfe 5 10 20 50 \
+        --heun-schedules karras logsnr
+
+Writes bench/nfe_quality.csv (one row per sampler and NFE, and one for the real digits) and
+docs/nfe_quality.png; ``--plot-only`` redraws the plot from the CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+
+import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
+from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, digits_images
+from diffusion.evaluation.fid import DEFAULT_CACHE_DIR, to_uint8_nchw
+from diffusion.jobs.common import autocast_for, batch_generator
+from diffusion.sampling import DDIMSampler, DPMSolverPP2MSampler, HeunSampler
+from diffusion.training.checkpoint import load_checkpoint
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = ["family", "sampler", "schedule", "steps", "nfe", "num_samples", "fid_digits",
+          "classifier_score", "seconds", "ckpt", "global_step"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None, help="a quickstart checkpoint (required)")
+    parser.add_argument("--weights", default="ema", help="ema (first rate), raw, or a rate like 0.999")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
+    parser.add_argument("--ddim-nfe", type=int, nargs="*", default=[5, 10, 20, 50, 100],
+                        help="DDIM (eta 0) step counts, evenly spaced from T-1 to 0")
+    parser.add_argument("--dpm-nfe", type=int, nargs="*", default=[5, 10, 20, 50])
+    parser.add_argument("--dpm-schedules", nargs="+", default=["logsnr"],
+                        help="one line per schedule: logsnr, karras, time_uniform")
+    parser.add_argument("--heun-steps", type=int, nargs="*", default=[3, 5, 10, 18],
+                        help="Heun levels N (2N-1 evaluations)")
+    parser.add_argument("--heun-schedules", nargs="+", default=["karras"])
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    parser.add_argument("--csv", default=str(REPO / "bench" / "nfe_quality.csv"))
+    parser.add_argument("--plot", default=str(REPO / "docs" / "nfe_quality.png"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV")
+    args = parser.parse_args(argv)
+    if args.ckpt is None and not args.plot_only:
+        parser.error("--ckpt is required: a checkpoint of the digits quickstart (python train.py)")
+    return args
+
+
+def sampler_grid(args) -> list[tuple[str, object]]:
+    """(family label, sampler) for every point of the plot. DDIM uses the evenly spaced
+    steps (respacing "N", from T−1 to 0), so that it starts from the same σ_max as the others."""
+    grid = [("DDIM (eta 0)", DDIMSampler(steps=None, respacing=str(n))) for n in args.ddim_nfe]
+    grid += [(f"DPM-Solver++(2M), {schedule}", DPMSolverPP2MSampler(steps=n, schedule=schedule))
+             for schedule in args.dpm_schedules for n in args.dpm_nfe]
+    grid += [(f"Heun (EDM), {schedule}", HeunSampler(steps=n, schedule=schedule))
+             for schedule in args.heun_schedules for n in args.heun_steps]
+    return grid
+
+
+def draw(loaded, sampler, args, device) -> torch.Tensor:
+    """N samples in [-1, 1], batch i seeded with (seed, i)."""
+    autocast = autocast_for(device, args.precision)
+
+    def model(x, t, **kwargs):
+        with autocast:
+            return loaded.model(x, t, **kwargs).float()
+
+    batches, done = [], 0
+    for index in range((args.num_samples + args.batch_size - 1) // args.batch_size):
+        size = min(args.batch_size, args.num_samples - done)
+        generator = batch_generator(args.seed, index, device)
+        with torch.inference_mode():
+            batches.append(sampler(loaded.diffusion, model, shape=(size, *loaded.image_shape),
+                                   generator=generator).cpu())
+        done += size
+    return torch.cat(batches)
+
+
+def plot(rows, path) -> None:
+    """log-log fid_digits against NFE, one line per sampler family, the real data dashed."""
+    samplers = [r for r in rows if r["sampler"] != "data"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for family in dict.fromkeys(r["family"] for r in samplers):
+        points = sorted((int(r["nfe"]), float(r["fid_digits"])) for r in samplers if r["family"] == family)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+    for r in rows:
+        if r["sampler"] == "data":
+            ax.axhline(float(r["fid_digits"]), color="gray", linestyle="--", linewidth=1,
+                       label=f"{r['family']} ({float(r['fid_digits']):.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = []
+    for nfe in sorted({int(r["nfe"]) for r in samplers}):
+        if ticks and nfe <= 1.2 * ticks[-1]:  # 19 and 20 would overlap: keep 20
+            ticks.pop()
+        ticks.append(nfe)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 10, not 10^1
+    ax.yaxis.set_minor_formatter(  # label 2, 3, 5 x 10^k only
+        FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "235" else "")
+    )
+    ax.set_xlabel("model evaluations (NFE)")
+    ax.set_ylabel("fid_digits (log scale; lower is better)")
+    first = samplers[0]
+    where = "/".join(Path(first["ckpt"]).parts[-3:])
+    ax.set_title(f"{where} (step {first['global_step']}), N = {first['num_samples']} samples", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scorer(args, device):
+    """images -> the evaluate.py digits metrics (fid_digits, classifier_score, ...)."""
+    evaluator = FIDEvaluator(DigitsFeatureExtractor.load_or_fit(args.cache_dir),
+                             cache_dir=args.cache_dir, device=device)
+
+    def score(images):
+        return evaluator(to_uint8_nchw(images), dataset="digits", split="train",
+                         real_batches=lambda: [digits_images("train")])
+
+    return score
+
+
+def measure(args, loaded, score, device) -> list[dict]:
+    """One CSV row per sampler of the grid, and one for N real test digits (the floor)."""
+    rows = []
+    test_images = digits_images("test")[0][: args.num_samples]
+    real = score(test_images)
+    for family, sampler in [*sampler_grid(args), (f"real test digits, N = {len(test_images)}", None)]:
+        if sampler is None:
+            result, seconds, nfe, steps, schedule, name = real, 0.0, 0, "", "", "data"
+        else:
+            sampler.check(loaded.diffusion)
+            start = time.perf_counter()
+            samples = draw(loaded, sampler, args, device)
+            seconds = time.perf_counter() - start
+            result = score(samples)
+            nfe = sampler.num_function_evals(loaded.diffusion.num_timesteps)
+            steps = sampler.steps if sampler.steps is not None else sampler.respacing
+            schedule, name = getattr(sampler, "schedule", "evenly spaced"), type(sampler).__name__
+        rows.append({
+            "family": family, "sampler": name, "schedule": schedule, "steps": steps, "nfe": nfe,
+            "num_samples": args.num_samples, "fid_digits": result["fid_digits"],
+            "classifier_score": result["classifier_score"], "seconds": round(seconds, 1),
+            "ckpt": str(args.ckpt), "global_step": loaded.global_step,
+        })
+        print(f"{family:32s} NFE {nfe:4d}: fid_digits {result['fid_digits']:8.3f}  "
+              f"classifier score {result['classifier_score']:.3f}  ({seconds:.0f} s)", flush=True)
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot_only:
+        with open(args.csv, newline="") as handle:
+            plot(list(csv.DictReader(handle)), args.plot)
+        print(f"wrote {args.plot}")
+        return
+    device = torch.device(args.device)
+    loaded = load_checkpoint(args.ckpt, weights=args.weights)
+    loaded.model.to(device).eval()
+    rows = measure(args, loaded, scorer(args, device), device)
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.plot)
+    print("\n| sampler | NFE | fid_digits | classifier score |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['family']} | {row['nfe']} | {row['fid_digits']:.2f} | {row['classifier_score']:.2f} |")
+    print(f"wrote {args.csv} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Fault injection: kills, failed writes and bad configs lose nothing and name the problem.
+
+Each test injects one kind of fault; `FAULTS` at the bottom counts them for the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from diffusion.training.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
+from diffusion.training.run import train
+from diffusion.utils import atomic
+from diffusion.utils.atomic import atomic_savez
+from test_train import TINY_RUN
+
+pytestmark = pytest.mark.slow
+
+# A run of a tiny UNet: 24 steps, a checkpoint every 4, a loss row every step.
+RUN = [*TINY_RUN, "trainer.max_steps=24", "callbacks.model_checkpoint.every_n_train_steps=4",
+       "trainer.val_check_interval=1000", "trainer.limit_val_batches=0", "test_after_fit=false",
+       "~callbacks.sample_grid", "module.schedule_sampler=loss-second-moment", "model.dropout=0.1",
+       "+trainer.enable_progress_bar=false"]
+
+
+def start(out, *extra):
+    cmd = [sys.executable, "train.py", *RUN, f"hydra.run.dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def losses(out):
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert len(steps) == len(set(steps)), "duplicate metric rows"
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def wait_for(path, process, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    process = start(out)
+    assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    return losses(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_then_resume_is_exact(uninterrupted, tmp_path, seed):
+    out = tmp_path / "run"
+    process = start(out)
+    wait_for(out / "checkpoints" / "last.ckpt", process)
+    time.sleep(random.Random(seed).uniform(0.0, 3.0))  # somewhere after the first checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    resumed = start(out, "ckpt_path=last")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert losses(out) == uninterrupted, f"killed after step {killed_at}"
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    process = start(out)
+    wait_for(out / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved >= 4
+    resumed = start(out, "ckpt_path=last")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert losses(out) == uninterrupted
+
+
+def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "samples.npz"
+    atomic_savez(str(target), arr_0=np.zeros(4, np.uint8))
+    before = target.read_bytes()
+
+    real_fdopen = os.fdopen
+
+    class DiskFull:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            if self.written > 16:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, ckpt)
+    saved = ckpt.read_bytes()
+
+    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: DiskFull(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space"):
+        atomic_savez(str(target), arr_0=np.ones(10_000, np.uint8))
+    with pytest.raises(OSError, match="previous file is intact"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(10_000)}}, ckpt)
+    assert target.read_bytes() == before and ckpt.read_bytes() == saved
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "samples.npz"]  # no temporary file left
+
+
+def test_a_nonfinite_model_never_replaces_a_good_checkpoint(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, ckpt)
+    saved = ckpt.read_bytes()
+    bad = {"state_dict": {"w": torch.tensor([1.0, float("nan"), 2.0])}, "global_step": 2}
+    with pytest.raises(NonFiniteModelError, match="step 2.*w.*previous .* is intact"):
+        AtomicCheckpointIO().save_checkpoint(bad, ckpt)
+    assert ckpt.read_bytes() == saved
+
+
+INVALID = {
+    "model.model_channels=48": "48",                        # not divisible by 32 GroupNorm groups
+    "model.attention_resolutions=[3]": "resolution",        # never reached by the UNet
+    "model.channel_mult=[1,2,2,2,2]": "channel_mult",       # 8x8 cannot be halved 4 times
+    "+model.out_channels=1": "model.out_channels",          # learned variance needs 2C
+    "module.schedule_sampler=importance": "uniform",        # lists the valid names
+    "module.anneal=exp": "cosine",
+    "diffusion.model_var_type=learnt": "learned_range",
+}
+
+
+@pytest.mark.parametrize("override", sorted(INVALID))
+def test_invalid_config_fails_fast_naming_the_problem(compose_cfg, override):
+    cfg = compose_cfg("train", [*TINY_RUN, override, "trainer.max_steps=1"])
+    started = time.time()
+    with pytest.raises(Exception) as err:
+        train(cfg)
+    assert INVALID[override] in str(err.value)
+    assert time.time() - started < 5
+
+
+FAULTS = {"sigkill": 2, "sigterm": 1, "failed write": 2, "nonfinite checkpoint": 1, "invalid config": len(INVALID)}
