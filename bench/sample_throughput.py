@@ -82,11 +82,11 @@ def main():
         for name in args.samplers:
             rate, steps = measure(preset, name, batch, args.device, args.precision, args.max_seconds)
             device = device_name(torch.device(args.device))
-            print(f"{preset} {name} ({steps} evaluations): {rate:.2f} images/s at batch {batch} on {device}")
+            print(f"{preset} {name} ({steps} evaluations): {rate:.3g} images/s at batch {batch} on {device}")
             if not args.no_record:
                 record("Sampling throughput",
                        ["date", "commit", "torch", "os", "device", "preset", "sampler", "model evaluations", "batch", "precision", "images/s"],
-                       [*stamp(), device, preset, name, str(steps), str(batch), args.precision, f"{rate:.2f}"])
+                       [*stamp(), device, preset, name, str(steps), str(batch), args.precision, f"{rate:.3g}"])
 
 
 if __name__ == "__main__":

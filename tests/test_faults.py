@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from diffusion.training.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
 from diffusion.training.run import train
 from diffusion.utils import atomic
 from diffusion.utils.atomic import atomic_savez
+
+from conftest import REPO
 from test_train import TINY_RUN
 
 pytestmark = pytest.mark.slow

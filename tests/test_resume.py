@@ -10,6 +10,7 @@ import torch
 
 from diffusion.training.resume import EpochPermutation, ResumableDataLoader
 from diffusion.training.run import train
+
 from test_train import TINY_RUN
 
 
