@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
 
-from conftest import EXPERIMENTS, TINY_UNET
+from conftest import EXPERIMENTS, REPO, TINY_UNET
 
 EXPECTED = {
     "digits_quickstart": dict(
@@ -108,3 +108,10 @@ def test_slurm_launcher_config_composes(compose_cfg):
 def test_tiny_unet_overrides_compose(compose_cfg):
     cfg = compose_cfg("train", TINY_UNET)
     assert cfg.model.model_channels == 32
+
+
+def test_help_names_every_preset():
+    """`python train.py --help` lists the presets; keep it true when one is added."""
+    header = (REPO / "configs" / "train.yaml").read_text()
+    missing = [name for name in EXPERIMENTS if name not in header]
+    assert not missing, f"add {missing} to hydra.help.header in configs/train.yaml"
