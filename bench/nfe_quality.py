@@ -28,7 +28,7 @@ import torch
 import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, digits_images
 from diffusion.evaluation.fid import DEFAULT_CACHE_DIR, to_uint8_nchw
-from diffusion.jobs.common import autocast_for, batch_generator
+from diffusion.jobs.common import autocast_network, batch_generator
 from diffusion.sampling import DDIMSampler, DPMSolverPP2MSampler, HeunSampler
 from diffusion.training.checkpoint import load_checkpoint
 
@@ -81,12 +81,7 @@ def sampler_grid(args) -> list[tuple[str, object]]:
 
 def draw(loaded, sampler, args, device) -> torch.Tensor:
     """N samples in [-1, 1], batch i seeded with (seed, i)."""
-    autocast = autocast_for(device, args.precision)
-
-    def model(x, t, **kwargs):
-        with autocast:
-            return loaded.model(x, t, **kwargs).float()
-
+    model = autocast_network(loaded.model, device, args.precision)
     batches, done = [], 0
     for index in range((args.num_samples + args.batch_size - 1) // args.batch_size):
         size = min(args.batch_size, args.num_samples - done)

@@ -20,7 +20,7 @@ import time
 import hydra
 import torch
 
-from diffusion.jobs.common import autocast_for
+from diffusion.jobs.common import autocast_network
 from diffusion.sampling import get_sampler
 from diffusion.training.module import build_unet
 
@@ -35,11 +35,7 @@ def measure(preset, sampler_name, batch, device, precision, max_seconds):
     process = hydra.utils.instantiate(cfg.diffusion)
     net = build_unet(hydra.utils.instantiate(cfg.model), process, image_size=image_size,
                      in_channels=channels, num_classes=None).to(device).eval()
-    autocast = autocast_for(torch.device(device), precision)
-
-    def model(x, t, **kwargs):
-        with autocast:
-            return net(x, t, **kwargs).float()
+    model = autocast_network(net, torch.device(device), precision)
 
     sampler = get_sampler(sampler_name)
     steps = sampler.num_function_evals(process.num_timesteps)

@@ -6,9 +6,8 @@ DESIGN.md. Names are imported on first use, so ``import diffusion`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-
 from diffusion import _torchvision_compat  # noqa: F401  (must precede any torchvision import)
+from diffusion.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "get_named_beta_schedule": "diffusion.process.schedules",
@@ -28,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("diffusion", _EXPORTS, globals())

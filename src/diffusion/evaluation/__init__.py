@@ -9,7 +9,7 @@ function returns a plain dict and prints nothing. Names load on first use, so im
 
 from __future__ import annotations
 
-import importlib
+from diffusion.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_bpd": "diffusion.evaluation.bpd",
@@ -26,13 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'diffusion.evaluation' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("diffusion.evaluation", _EXPORTS, globals())

@@ -49,6 +49,18 @@ def autocast_for(device: torch.device, precision: str | int) -> contextlib.Abstr
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def autocast_network(net: torch.nn.Module, device: torch.device, precision: str | int):
+    """``net`` as the process calls a model, run under ``precision``'s autocast on ``device``,
+    its output cast back to float32 so that the sampling and likelihood math stays float32."""
+    autocast = autocast_for(device, precision)
+
+    def model(x, t, **kwargs):
+        with autocast:
+            return net(x, t, **kwargs).float()
+
+    return model
+
+
 def batch_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
     """A generator for batch ``index`` of a job seeded with ``seed``, independent of the others."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)

@@ -20,7 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, digits_images, evaluate_bpd
-from diffusion.jobs.common import autocast_for, batch_generator, images_progress, resolve_devices
+from diffusion.jobs.common import (
+    autocast_network,
+    batch_generator,
+    images_progress,
+    resolve_devices,
+)
 from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
 from diffusion.utils.atomic import atomic_save_json
 
@@ -53,17 +58,6 @@ def split_loader(datamodule, split: str):
     return loaders[split]()
 
 
-def network(loaded: LoadedCheckpoint, device: torch.device, precision) :
-    loaded.model.to(device)
-    autocast = autocast_for(device, precision)
-
-    def model(x, t, **kwargs):
-        with autocast:
-            return loaded.model(x, t, **kwargs).float()
-
-    return model
-
-
 def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict[str, Any]:
     datamodule, _ = datamodule_for(cfg, loaded)
     loader = split_loader(datamodule, cfg.split)
@@ -71,7 +65,7 @@ def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
     model_kwargs_fn = (lambda y: {"y": y}) if loaded.num_classes is not None else None
     with torch.inference_mode(), images_progress(total, 0, f"bits/dim ({cfg.split})", enabled=cfg.progress) as advance:
         results = evaluate_bpd(
-            loaded.diffusion, network(loaded, device, cfg.precision), loader,
+            loaded.diffusion, autocast_network(loaded.model.to(device), device, cfg.precision), loader,
             clip_denoised=cfg.clip_denoised, model_kwargs_fn=model_kwargs_fn, progress=advance,
             max_batches=cfg.max_batches, respacing=cfg.respacing,
             generator=batch_generator(cfg.seed, 0, device),

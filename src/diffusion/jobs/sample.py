@@ -24,7 +24,12 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.jobs.common import autocast_for, batch_generator, images_progress, resolve_devices
+from diffusion.jobs.common import (
+    autocast_network,
+    batch_generator,
+    images_progress,
+    resolve_devices,
+)
 from diffusion.sampling.guidance import NULL_LABEL_KEY, check_guidance
 from diffusion.training.callbacks import save_image_grid
 from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -61,12 +66,7 @@ def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int,
     generator = batch_generator(cfg.seed, index, device)
     labels = batch_labels(cfg, loaded, index, size, generator)
     model_kwargs = {} if labels is None else {"y": labels, NULL_LABEL_KEY: null_label(loaded)}
-    autocast = autocast_for(device, cfg.precision)
-
-    def model(x, t, **kwargs):
-        with autocast:
-            return loaded.model(x, t, **kwargs).float()
-
+    model = autocast_network(loaded.model, device, cfg.precision)
     with torch.inference_mode():
         images = sampler(
             loaded.diffusion, model, shape=(size, *loaded.image_shape), model_kwargs=model_kwargs,
