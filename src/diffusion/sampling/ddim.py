@@ -45,32 +45,21 @@ class DDIMSampler(Sampler):
     respacing: str | None = None
 
     def __post_init__(self):
-        self.respacing = _steps.normalize_respacing(self.respacing)
+        self.respacing = _steps.check_step_choice("DDIMSampler", self.steps, self.respacing)
         self.eta = float(self.eta)
         if self.skip not in _SKIP_RULES:
             raise ValueError(f"unknown skip {self.skip!r}; valid: {', '.join(_SKIP_RULES)}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1] (DDIM eq. 16), got {self.eta}")
-        if self.respacing is not None and self.steps is not None:
-            raise ValueError(
-                f"DDIMSampler got steps={self.steps} and respacing={self.respacing!r}; they "
-                f"are alternatives: pass steps=None (sampler.steps=null) to use the respacing"
-            )
         if self.steps is None and self.skip != "uniform":
             # the skip rule picks `steps` of T: without a count there is nothing to pick
             raise ValueError(
                 f"DDIMSampler got skip={self.skip!r} without steps (respacing="
                 f"{self.respacing!r}); give steps, or leave skip at 'uniform'"
             )
-        if self.steps is not None:
-            _steps.check_steps(self.steps)
 
     def timesteps(self, num_timesteps: int) -> list[int]:
-        if self.respacing is not None:
-            return _steps.section_timesteps(num_timesteps, self.respacing)
-        if self.steps is None:
-            return _steps.all_timesteps(num_timesteps)
-        return _SKIP_RULES[self.skip](num_timesteps, self.steps)
+        return _steps.chosen_timesteps(num_timesteps, self.steps, self.respacing, _SKIP_RULES[self.skip])
 
     def _run_loop(self, process, model, noise, **loop_kwargs) -> torch.Tensor:
         return process.ddim_sample_loop(

@@ -32,21 +32,11 @@ class DDPMSampler(Sampler):
     respacing: str | None = None
 
     def __post_init__(self):
-        self.respacing = _steps.normalize_respacing(self.respacing)
-        if self.steps is not None and self.respacing is not None:
-            raise ValueError(
-                f"DDPMSampler got steps={self.steps} and respacing={self.respacing!r}; they "
-                f"are alternatives, set one (the other to None / null)"
-            )
-        if self.steps is not None:
-            _steps.check_steps(self.steps)
+        self.respacing = _steps.check_step_choice("DDPMSampler", self.steps, self.respacing)
 
     def timesteps(self, num_timesteps: int) -> list[int]:
-        if self.respacing is not None:
-            return _steps.section_timesteps(num_timesteps, self.respacing)
-        if self.steps is None:
-            return _steps.all_timesteps(num_timesteps)
-        return _steps.evenly_spaced_timesteps(num_timesteps, self.steps)
+        return _steps.chosen_timesteps(num_timesteps, self.steps, self.respacing,
+                                       _steps.evenly_spaced_timesteps)
 
     def _run_loop(self, process, model, noise, **loop_kwargs) -> torch.Tensor:
         return process.p_sample_loop(model, tuple(noise.shape), noise=noise, **loop_kwargs)

@@ -23,7 +23,7 @@ this is an error that points to the rules that can (section counts, quadratic).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,30 @@ def check_steps(steps: int, num_timesteps: int | None = None) -> None:
         raise ValueError(
             f"sampler asks for {steps} steps but the process has only {num_timesteps}"
         )
+
+
+def check_step_choice(owner: str, steps: int | None, respacing) -> str | None:
+    """Validate a sampler's ``steps`` / ``respacing`` pair (they are alternatives) and
+    return the respacing normalised to a section-count string."""
+    respacing = normalize_respacing(respacing)
+    if steps is not None and respacing is not None:
+        raise ValueError(
+            f"{owner} got steps={steps} and respacing={respacing!r}; they are alternatives: "
+            f"pass steps=None (sampler.steps=null) to use the respacing"
+        )
+    if steps is not None:
+        check_steps(steps)
+    return respacing
+
+
+def chosen_timesteps(num_timesteps: int, steps: int | None, respacing: str | None,
+                     rule: Callable[[int, int], list[int]]) -> list[int]:
+    """The kept steps: the section counts if given, else ``rule(T, steps)``, else all T."""
+    if respacing is not None:
+        return section_timesteps(num_timesteps, respacing)
+    if steps is None:
+        return all_timesteps(num_timesteps)
+    return rule(num_timesteps, steps)
 
 
 def all_timesteps(num_timesteps: int) -> list[int]:
