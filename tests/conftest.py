@@ -26,6 +26,17 @@ TINY_UNET = [
 ]
 
 
+def quiet_trainer(tmp_path, callbacks, max_steps, **kwargs):
+    """A CPU Trainer for callback tests: no logger, progress bar, summary, checkpoints or
+    validation unless ``kwargs`` ask for them."""
+    import lightning as L  # after diffusion (above), which makes torchvision importable
+
+    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    default_root_dir=tmp_path, limit_val_batches=0, num_sanity_val_steps=0)
+    return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` as @hydra.main would, minus the hydra node."""
     GlobalHydra.instance().clear()

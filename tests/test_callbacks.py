@@ -22,6 +22,8 @@ from diffusion.training import callbacks
 from diffusion.training.callbacks import SampleGrid, make_image_grid, save_image_grid
 from diffusion.training.ema import EMA
 
+from conftest import quiet_trainer
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*GPU available but not used:UserWarning"),
@@ -81,19 +83,7 @@ def _loader() -> DataLoader:
 
 def _fit(tmp_path, callbacks_, max_steps=4, logger=False, module=None):
     module = module or TinyDiffusionModule()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks_,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks_, max_steps, logger=logger)
     torch.manual_seed(1)  # the t and noise of the training steps
     trainer.fit(module, _loader())
     return trainer, module

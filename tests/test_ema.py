@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion.training.ema import EMA
 
+from conftest import quiet_trainer
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*GPU available but not used:UserWarning"),
@@ -74,22 +76,6 @@ def _loader(num_batches: int = 3) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
 
 
-def _trainer(tmp_path, callbacks, max_steps, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
-
-
 def _closed_form(weights: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
     """AveragedModel's EMA written out: e_1 = w_1, e_n = d e_{n-1} + (1-d) w_n, i.e.
     e_n = d^(n-1) w_1 + sum_{j=2..n} (1-d) d^(n-j) w_j."""
@@ -118,7 +104,7 @@ def _assert_state(
 # --------------------------------------------------------------------------- averaging
 def test_averages_match_closed_form_for_every_rate(tmp_path):
     ema, recorder, module = EMA(decays=(0.5, 0.9)), RawRecorder(), Regressor()
-    _trainer(tmp_path, [ema, recorder], max_steps=5).fit(module, _loader())
+    quiet_trainer(tmp_path, [ema, recorder], max_steps=5).fit(module, _loader())
     assert len(recorder.history) == 5
     # The raw weights moved: an EMA equal to the last weights would not test anything.
     assert not torch.allclose(recorder.history[0]["0.weight"], recorder.history[-1]["0.weight"])
@@ -132,7 +118,7 @@ def test_averages_match_closed_form_for_every_rate(tmp_path):
 
 def test_update_every_n_steps_and_start_step(tmp_path):
     ema, recorder = EMA(decays=(0.8,), update_every_n_steps=2, start_step=2), RawRecorder()
-    _trainer(tmp_path, [ema, recorder], max_steps=7).fit(Regressor(), _loader())
+    quiet_trainer(tmp_path, [ema, recorder], max_steps=7).fit(Regressor(), _loader())
     # updates after optimizer steps 4 and 6 only
     assert int(ema.averaged_models[0.8].n_averaged) == 2
     expected = _closed_form([recorder.history[3], recorder.history[5]], 0.8)
@@ -141,7 +127,7 @@ def test_update_every_n_steps_and_start_step(tmp_path):
 
 def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path):
     ema, recorder = EMA(decays=(0.7,)), RawRecorder()
-    trainer = _trainer(tmp_path, [ema, recorder], max_steps=4, accumulate_grad_batches=2)
+    trainer = quiet_trainer(tmp_path, [ema, recorder], max_steps=4, accumulate_grad_batches=2)
     trainer.fit(Regressor(), _loader(num_batches=8))
     assert trainer.global_step == 4 and trainer.fit_loop.total_batch_idx + 1 == 8
     assert int(ema.averaged_models[0.7].n_averaged) == 4
@@ -151,7 +137,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path):
 # ---------------------------------------------------------------------------- swapping
 def test_swapped_loads_ema_weights_and_restores_raw_exactly(tmp_path):
     ema, module = EMA(decays=(0.5, 0.9)), Regressor()
-    _trainer(tmp_path, [ema], max_steps=4).fit(module, _loader())
+    quiet_trainer(tmp_path, [ema], max_steps=4).fit(module, _loader())
     raw = _float_state(module.model)
     param_ids = [id(p) for p in module.model.parameters()]
     for decay in (None, 0.5, 0.9):
@@ -170,7 +156,7 @@ def test_swapped_loads_ema_weights_and_restores_raw_exactly(tmp_path):
 
 def test_swapped_restores_after_an_exception(tmp_path):
     ema, module = EMA(decays=(0.5,)), Regressor()
-    _trainer(tmp_path, [ema], max_steps=2).fit(module, _loader())
+    quiet_trainer(tmp_path, [ema], max_steps=2).fit(module, _loader())
     raw = _float_state(module.model)
     with pytest.raises(KeyError), ema.swapped(module):
         raise KeyError("boom")
@@ -189,7 +175,7 @@ def test_swapped_is_a_no_op_before_the_first_update():
 
 def test_validation_and_test_see_ema_weights(tmp_path):
     ema, recorder, module = EMA(decays=(0.6, 0.9)), RawRecorder(), Regressor()
-    trainer = _trainer(
+    trainer = quiet_trainer(
         tmp_path,
         [ema, recorder],
         max_steps=6,
@@ -210,7 +196,7 @@ def test_validation_and_test_see_ema_weights(tmp_path):
     assert not torch.allclose(at_step_6["0.weight"], recorder.history[5]["0.weight"])
     # training continued from the raw weights: the same steps as a run without validation
     reference = RawRecorder()
-    _trainer(tmp_path, [EMA(decays=(0.6,)), reference], max_steps=6).fit(
+    quiet_trainer(tmp_path, [EMA(decays=(0.6,)), reference], max_steps=6).fit(
         Regressor(), _loader(num_batches=6)
     )
     for ours, theirs in zip(recorder.history, reference.history, strict=True):
@@ -224,7 +210,7 @@ def test_validation_and_test_see_ema_weights(tmp_path):
 
 def test_use_for_validation_false_keeps_raw_weights(tmp_path):
     ema, recorder, module = EMA(decays=(0.6,), use_for_validation=False), RawRecorder(), Regressor()
-    trainer = _trainer(
+    trainer = quiet_trainer(
         tmp_path, [ema, recorder], max_steps=3, limit_val_batches=1, val_check_interval=3
     )
     trainer.fit(module, _loader(), _loader(num_batches=1))
@@ -247,12 +233,12 @@ def test_resume_matches_an_uninterrupted_run_exactly(tmp_path):
     saver = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}"
     )
-    _trainer(tmp_path, [full_ema, saver], max_steps=6, enable_checkpointing=True).fit(
+    quiet_trainer(tmp_path, [full_ema, saver], max_steps=6, enable_checkpointing=True).fit(
         full_module, _loader()
     )
     # Resumed: a fresh module (other init) and a fresh callback, from the step-3 checkpoint.
     resumed_ema, resumed_module = EMA(decays=decays), Regressor(seed=7)
-    resumer = _trainer(tmp_path, [resumed_ema], max_steps=6)
+    resumer = quiet_trainer(tmp_path, [resumed_ema], max_steps=6)
     resumer.fit(resumed_module, _loader(), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
     assert resumer.global_step == 6
     _assert_state_dict(_float_state(resumed_module.model), _float_state(full_module.model))
@@ -267,7 +253,7 @@ def test_resume_matches_an_uninterrupted_run_exactly(tmp_path):
 
 def test_checkpoint_holds_plain_ema_state_dicts_and_raw_weights(tmp_path):
     ema, module = EMA(decays=(0.5, 0.9)), Regressor()
-    trainer = _trainer(tmp_path, [ema], max_steps=3)
+    trainer = quiet_trainer(tmp_path, [ema], max_steps=3)
     trainer.fit(module, _loader())
     raw = {k: v.clone() for k, v in module.state_dict().items()}
     with ema.swapped(module):  # a save while swapped must still store the raw weights
@@ -292,11 +278,11 @@ def test_checkpoint_holds_plain_ema_state_dicts_and_raw_weights(tmp_path):
 
 def test_validate_from_checkpoint_uses_the_stored_average(tmp_path):
     ema, module = EMA(decays=(0.5,)), Regressor()
-    trainer = _trainer(tmp_path, [ema], max_steps=3)
+    trainer = quiet_trainer(tmp_path, [ema], max_steps=3)
     trainer.fit(module, _loader())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     fresh_ema, fresh = EMA(decays=(0.5,)), Regressor(seed=5)
-    _trainer(tmp_path, [fresh_ema], max_steps=3, limit_val_batches=1).validate(
+    quiet_trainer(tmp_path, [fresh_ema], max_steps=3, limit_val_batches=1).validate(
         fresh, _loader(num_batches=1), ckpt_path=tmp_path / "a.ckpt", verbose=False
     )
     _assert_state_dict(fresh.seen_in_validation[0], _float_state(ema.averaged_models[0.5].module))
@@ -348,9 +334,9 @@ def test_missing_attribute_names_the_choices():
 
 def test_find_and_dotted_attribute(tmp_path):
     ema = EMA(decays=(0.5,), attribute="model.0")
-    trainer = _trainer(tmp_path, [ema], max_steps=2)
+    trainer = quiet_trainer(tmp_path, [ema], max_steps=2)
     assert EMA.find(trainer) is ema
-    assert EMA.find(_trainer(tmp_path, [], max_steps=1)) is None
+    assert EMA.find(quiet_trainer(tmp_path, [], max_steps=1)) is None
     module = Regressor()
     trainer.fit(module, _loader())
     assert set(ema.averaged_models[0.5].module.state_dict()) == {"weight", "bias"}
@@ -358,8 +344,8 @@ def test_find_and_dotted_attribute(tmp_path):
 
 def test_a_second_fit_with_the_same_callback_keeps_averaging(tmp_path):
     ema, recorder, module = EMA(decays=(0.5,)), RawRecorder(), Regressor()
-    _trainer(tmp_path, [ema, recorder], max_steps=3).fit(module, _loader())
-    _trainer(tmp_path, [ema, recorder], max_steps=3).fit(
+    quiet_trainer(tmp_path, [ema, recorder], max_steps=3).fit(module, _loader())
+    quiet_trainer(tmp_path, [ema, recorder], max_steps=3).fit(
         module, _loader()
     )  # global_step restarts at 0
     assert len(recorder.history) == 3  # the recorder keys on global_step: second run not recorded
