@@ -10,7 +10,6 @@ in the features of a small digits classifier.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import Any
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 METRICS = ("nll", "fid")
 
 
-def datamodule_for(cfg: DictConfig, loaded: LoadedCheckpoint, augment: bool = False):
+def datamodule_for(cfg: DictConfig, loaded: LoadedCheckpoint):
     """The run's DataModule (or ``data=...`` given here), without augmentation."""
     data_cfg = cfg.get("data") or loaded.config.get("data")
     if not data_cfg or "_target_" not in data_cfg:
@@ -43,11 +42,11 @@ def datamodule_for(cfg: DictConfig, loaded: LoadedCheckpoint, augment: bool = Fa
     data_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(data_cfg), resolve=True))
     with open_dict(data_cfg):
         data_cfg.batch_size = cfg.batch_size
-        if "random_flip" in data_cfg and not augment:
+        if "random_flip" in data_cfg:
             data_cfg.random_flip = False
     datamodule = hydra.utils.instantiate(data_cfg)
-    datamodule.setup("fit" if cfg.split in ("train", "val") else "test")
-    return datamodule, data_cfg._target_.rsplit(".", 1)[-1]
+    datamodule.setup()  # builds every split
+    return datamodule
 
 
 def split_loader(datamodule, split: str):
@@ -59,7 +58,7 @@ def split_loader(datamodule, split: str):
 
 
 def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict[str, Any]:
-    datamodule, _ = datamodule_for(cfg, loaded)
+    datamodule = datamodule_for(cfg, loaded)
     loader = split_loader(datamodule, cfg.split)
     total = len(loader.dataset) if cfg.max_batches is None else min(len(loader.dataset), cfg.max_batches * cfg.batch_size)
     model_kwargs_fn = (lambda y: {"y": y}) if loaded.num_classes is not None else None
@@ -89,7 +88,7 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
         evaluator = FIDEvaluator(inception_weights=cfg.inception_weights, cache_dir=cfg.cache_dir, device=device)
 
         def real_batches():
-            datamodule, _ = datamodule_for(cfg_with_split(cfg, "train"), loaded)
+            datamodule = datamodule_for(cfg, loaded)
             return split_loader(datamodule, "train")
 
         name = datamodule_cfg.get("_target_", "data").rsplit(".", 1)[-1]
@@ -98,13 +97,6 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
     results["samples"] = samples
     log.info("%s", ", ".join(f"{k}: {v:.4f}" for k, v in results.items() if isinstance(v, float)))
     return results
-
-
-def cfg_with_split(cfg: DictConfig, split: str) -> DictConfig:
-    new = copy.deepcopy(cfg)
-    with open_dict(new):
-        new.split = split
-    return new
 
 
 def draw_samples(cfg: DictConfig) -> str:
