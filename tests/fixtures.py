@@ -14,6 +14,8 @@ Used by tests/test_data.py (which checks what the DataModules read) and tests/te
 (which trains every experiment preset on them).
 """
 
+# ruff: noqa: I001  (diffusion must be imported before lightning and torchvision)
+
 from __future__ import annotations
 
 import pickle
@@ -22,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import diffusion  # noqa: F401  (first: makes torchvision, hence lightning, importable)
+from lightning.pytorch import Callback
 
 CIFAR10_LABEL_NAMES = [
     "airplane",
@@ -126,3 +131,17 @@ def write_image_folder(
         for k in range(per_class):
             pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"{k}.png")
+
+
+
+class InjectNaN(Callback):
+    """Fills the images of the batches drawn at ``steps`` (global steps) with NaN: a fault to
+    inject into train.py with ``PYTHONPATH=tests`` and
+    ``+callbacks.nan._target_=fixtures.InjectNaN '+callbacks.nan.steps=[5]'``."""
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            batch[0].fill_(float("nan"))

@@ -298,3 +298,34 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 def test_save_image_grid_rejects_unknown_extensions(tmp_path):
     with pytest.raises(ValueError, match=r"grid\.xyz.*\.png"):
         save_image_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.xyz")
+
+
+class _Regression(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_progress_bar_reads_the_metrics_every_n_steps_only(tmp_path, monkeypatch):
+    reads = []
+    real = L.pytorch.callbacks.RichProgressBar.get_metrics
+    monkeypatch.setattr(L.pytorch.callbacks.RichProgressBar, "get_metrics",
+                        lambda self, trainer, module: reads.append(trainer.global_step) or real(self, trainer, module))
+    bar = callbacks.ProgressBar(metrics_every_n_steps=5)
+    data = DataLoader(TensorDataset(torch.randn(40, 2), torch.randn(40, 1)), batch_size=2)
+    trainer = quiet_trainer(tmp_path, [bar], max_steps=20, enable_progress_bar=True)
+    trainer.fit(_Regression(), train_dataloaders=data)
+    # the first batch (nothing shown yet), then every 5th: 4 reads where Rich makes 20
+    assert [step for step in reads if step > 0][:5] == [1, 5, 10, 15, 20]
+    assert len([step for step in reads if step > 0]) <= 6  # at most one more, at the end of fit
+    assert "train/loss" in bar.get_metrics(trainer, None)
+    with pytest.raises(ValueError, match="metrics_every_n_steps=0"):
+        callbacks.ProgressBar(metrics_every_n_steps=0)

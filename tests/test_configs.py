@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
+from diffusion.training.module import split_model_config
 
 from conftest import EXPERIMENTS, REPO, TINY_UNET
 
@@ -52,7 +53,9 @@ def test_preset_composes_and_instantiates(compose_cfg, experiment):
     assert process.loss_type.value == want["loss"]
     assert cfg.data._target_.endswith(want["data"])
     image_size = {"digits": 8, "cifar": 32}.get(experiment.split("_")[0], 64)
-    unet = hydra.utils.instantiate(cfg.model)(
+    unet_cfg, runtime = split_model_config(cfg.model)
+    assert runtime == {"channels_last": False, "compile": False}
+    unet = hydra.utils.instantiate(unet_cfg)(
         image_size=image_size, in_channels=3, out_channels=3, num_classes=None
     )
     assert sum(p.numel() for p in unet.parameters()) > 1e5

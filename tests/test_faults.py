@@ -37,7 +37,12 @@ RUN = [*TINY_RUN, "trainer.max_steps=24", "callbacks.model_checkpoint.every_n_tr
 
 def start(out, *extra):
     cmd = [sys.executable, "train.py", *RUN, f"hydra.run.dir={out}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}  # for fixtures.InjectNaN
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def inject_nan(*steps):
+    return ["+callbacks.nan._target_=fixtures.InjectNaN", f"+callbacks.nan.steps=[{','.join(map(str, steps))}]"]
 
 
 def losses(out):
@@ -139,6 +144,34 @@ def test_a_nonfinite_model_never_replaces_a_good_checkpoint(tmp_path):
     assert ckpt.read_bytes() == saved
 
 
+def test_nan_batches_are_skipped_counted_and_the_run_finishes(tmp_path):
+    out = tmp_path / "run"
+    process = start(out, *inject_nan(5, 13))
+    assert process.wait(timeout=600) == 0
+    stderr = process.stderr.read()
+    assert "latest at step 5 (batch timesteps t = [" in stderr and "latest at step 13" in stderr
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    skipped = {int(r["step"]): float(r["train/skipped_steps"]) for r in rows if r.get("train/skipped_steps")}
+    assert skipped[max(skipped)] == 2 and skipped[4] == 0
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 24 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_a_nan_batch_under_the_stop_policy_names_it_keeps_the_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    process = start(out, *inject_nan(9), "module.nonfinite.policy=stop")
+    assert process.wait(timeout=600) == 1
+    stderr = process.stderr.read()
+    last = out / "checkpoints" / "last.ckpt"
+    assert "error: non-finite loss or gradient at step 9, batch timesteps t = [" in stderr, stderr[-2000:]
+    assert f"the last good checkpoint is {last}" in stderr
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 8 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    resumed = start(out, "ckpt_path=last")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert torch.load(last, weights_only=False)["global_step"] == 24
+
+
 INVALID = {
     "model.model_channels=48": "48",                        # not divisible by 32 GroupNorm groups
     "model.attention_resolutions=[3]": "resolution",        # never reached by the UNet
@@ -147,6 +180,8 @@ INVALID = {
     "module.schedule_sampler=importance": "uniform",        # lists the valid names
     "module.anneal=exp": "cosine",
     "diffusion.model_var_type=learnt": "learned_range",
+    "module.nonfinite.policy=ignore": "'skip', 'stop'",
+    "module.nonfinite.max_consecutive=0": "max_consecutive=0",
 }
 
 
@@ -160,4 +195,5 @@ def test_invalid_config_fails_fast_naming_the_problem(compose_cfg, override):
     assert time.time() - started < 5
 
 
-FAULTS = {"sigkill": 2, "sigterm": 1, "failed write": 2, "nonfinite checkpoint": 1, "invalid config": len(INVALID)}
+FAULTS = {"sigkill": 2, "sigterm": 1, "failed write": 2, "nonfinite checkpoint": 1, "nan batch": 3,
+          "invalid config": len(INVALID)}

@@ -494,3 +494,18 @@ def test_float32_inputs_stay_float32():
     assert all(v.dtype == torch.float32 for v in losses.values())
     res = d.p_mean_variance(constant_model(out), x0.float(), t)
     assert all(v.dtype == torch.float32 for v in res.values())
+
+
+def test_schedule_constants_cross_to_the_device_once_and_gather_exactly():
+    from diffusion.process._tensor import device_table, extract_into_tensor
+
+    arr = np.linspace(0.1, 0.9, 7)
+    first = device_table(arr, torch.float32, torch.device("cpu"))
+    assert device_table(arr, torch.float32, torch.device("cpu")) is first  # cached: no copy
+    assert device_table(arr, torch.float64, torch.device("cpu")) is not first  # per dtype
+    other = arr.copy()
+    assert device_table(other, torch.float32, torch.device("cpu")) is not first  # per array
+    t = torch.tensor([6, 0, 3])
+    got = extract_into_tensor(arr, t, torch.zeros(3, 2, 2, dtype=torch.float64))
+    assert got.shape == (3, 1, 1)
+    torch.testing.assert_close(got.flatten(), torch.tensor(arr[[6, 0, 3]]), rtol=0, atol=0)

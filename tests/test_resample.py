@@ -150,3 +150,12 @@ def test_local_losses_under_a_single_rank_process_group(diffusion, tmp_path):
         np.testing.assert_array_equal(a.weights(), b.weights())
     finally:
         dist.destroy_process_group()
+
+
+def test_non_finite_losses_leave_the_history_untouched(diffusion):
+    clean, fed = LossSecondMomentResampler(diffusion), LossSecondMomentResampler(diffusion)
+    fill(clean)
+    fill(fed)
+    fed.update_with_all_losses([0, 3, 5], [float("nan"), float("inf"), -float("inf")])
+    np.testing.assert_array_equal(fed.weights(), clean.weights())
+    assert np.isfinite(fed.weights()).all()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import hydra
 import pytest
 import torch
 
@@ -142,3 +143,21 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert checkpoint["global_step"] == 3
     # Both ranks' losses reached the sampler: 2 ranks x 3 steps x 16 examples.
     assert checkpoint["schedule_sampler"]["loss_counts"].sum() == 2 * 3 * 16
+
+
+def test_loss_aware_sampler_learns_in_batches_of_steps_without_losing_any(compose_cfg):
+    from diffusion.training.module import LOSS_HISTORY_FLUSH_STEPS
+    from diffusion.training.run import build_module
+
+    cfg = compose_cfg("train", [*TINY_RUN, "module.schedule_sampler=loss-second-moment"])
+    module = build_module(cfg, hydra.utils.instantiate(cfg.data))
+    sampler, seen = module.schedule_sampler, []
+    sampler.update_with_local_losses = lambda ts, losses: seen.append((ts.tolist(), losses.tolist()))
+    batches = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(LOSS_HISTORY_FLUSH_STEPS + 3)]
+    for step, batch in enumerate(batches):
+        with torch.no_grad():
+            module.training_step(batch, step)
+        assert len(seen) == (step + 1) // LOSS_HISTORY_FLUSH_STEPS  # one hand-over per 16 steps
+    assert len(seen[0][0]) == 4 * LOSS_HISTORY_FLUSH_STEPS and len(module._pending_losses) == 3
+    module.flush_loss_history()
+    assert sum(len(ts) for ts, _ in seen) == 4 * len(batches)

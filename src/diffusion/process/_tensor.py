@@ -5,6 +5,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# (id(arr), dtype, device) -> (arr, table): each schedule constant crosses to a device once.
+# A host-to-device copy from pageable memory makes the host wait for the device, so
+# copying a (T,) table on every call would put several synchronisations in each training
+# step. Holding ``arr`` in the entry keeps its id from being reused while the entry lives;
+# schedules are never modified in place after construction.
+_DEVICE_TABLES: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}
+_MAX_TABLES = 512
+
+
+def device_table(arr: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``arr`` as a tensor of ``dtype`` on ``device``, copied there once and then reused."""
+    key = (id(arr), dtype, torch.device(device))
+    entry = _DEVICE_TABLES.get(key)
+    if entry is not None and entry[0] is arr:
+        return entry[1]
+    if len(_DEVICE_TABLES) >= _MAX_TABLES:
+        _DEVICE_TABLES.clear()
+    # Cast on the host first: some devices (MPS) have no float64.
+    table = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype).to(device)
+    _DEVICE_TABLES[key] = (arr, table)
+    return table
+
 
 def extract_into_tensor(
     arr: np.ndarray, timesteps: torch.Tensor, like: torch.Tensor
@@ -27,7 +49,6 @@ def extract_into_tensor(
             f"timesteps must have shape ({like.shape[0]},) to match the batch, "
             f"got {tuple(timesteps.shape)}"
         )
-    # Cast on the host first: some devices (MPS) have no float64.
-    table = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=like.dtype).to(like.device)
+    table = device_table(arr, like.dtype, like.device)
     values = table[timesteps.to(like.device).long()]  # (B,)
     return values.view(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)

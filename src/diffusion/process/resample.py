@@ -7,6 +7,7 @@ moves. Conventions follow openai/improved-diffusion's ``resample.py``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -131,6 +132,8 @@ class LossSecondMomentResampler(LossAwareSampler):
 
     def update_with_all_losses(self, ts, losses):
         for t, loss in zip(ts, losses, strict=True):
+            if not math.isfinite(loss):  # a skipped step's NaN/inf would poison p_t forever
+                continue
             t = int(t)
             if self._loss_counts[t] == self.history_per_term:
                 # shift out the oldest loss

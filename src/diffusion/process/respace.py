@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusion.process._tensor import device_table
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
 
 
@@ -82,7 +83,7 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
 
 def _original_timesteps(timestep_map, t, rescale_timesteps, original_num_steps):
     """Respaced indices -> what the network saw in training (original index, maybe rescaled)."""
-    map_tensor = torch.as_tensor(timestep_map, device=t.device)
+    map_tensor = device_table(timestep_map, torch.int64, t.device)
     new_t = map_tensor[t.long()]
     if rescale_timesteps:
         return new_t.float() * (1000.0 / original_num_steps)

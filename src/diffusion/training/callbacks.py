@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid, save_image  # safe: the diffusion package is imported
@@ -245,3 +246,25 @@ class SampleGrid(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
                 experiment.add_image(LOG_KEY, grid, global_step=step)
+
+
+class ProgressBar(RichProgressBar):
+    """Rich's progress bar, reading the logged metrics every ``metrics_every_n_steps`` steps.
+
+    Reading them turns each into a Python number, which makes the host wait for the device;
+    Rich's bar would do that after every training batch. In between it shows the last values.
+    """
+
+    def __init__(self, metrics_every_n_steps: int = 25, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(metrics_every_n_steps, bool) or not isinstance(metrics_every_n_steps, int) \
+                or metrics_every_n_steps < 1:
+            raise ValueError(f"ProgressBar: metrics_every_n_steps={metrics_every_n_steps!r} must be an integer >= 1")
+        self.metrics_every_n_steps = metrics_every_n_steps
+        self._shown: dict[str, Any] | None = None
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if trainer.training and self._shown is not None and trainer.global_step % self.metrics_every_n_steps:
+            return self._shown
+        self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown

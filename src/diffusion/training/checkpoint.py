@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
-from diffusion.training.module import build_unet
+from diffusion.training.module import build_unet, split_model_config
 
 
 class CheckpointError(ValueError):
@@ -80,7 +80,8 @@ def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
     image_size = hparams.get("image_size", data.get("image_size"))
     in_channels = hparams.get("in_channels", data.get("channels"))
     num_classes = hparams.get("num_classes", data.get("num_classes"))
-    model_factory = hydra.utils.instantiate(config["model"], _partial_=True)
+    unet_config, _ = split_model_config(config["model"])  # the jobs choose their own run-time options
+    model_factory = hydra.utils.instantiate(unet_config, _partial_=True)
     model = build_unet(
         model_factory, diffusion, image_size=image_size, in_channels=in_channels,
         num_classes=num_classes, label_dropout=hparams.get("label_dropout", 0.0),  # > 0: null class

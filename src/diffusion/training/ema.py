@@ -2,8 +2,8 @@
 
 Diffusion models are sampled with an EMA of their weights (DDPM sec. 4, arXiv 2006.11239,
 decay 0.9999; IDDPM, arXiv 2102.09672, the same). The averaging itself is
-`torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn` (one foreach lerp per
-update), one per rate; this callback only decides *when* to update, keeps the averages in
+`torch.optim.swa_utils.AveragedModel` with one foreach lerp per update (`_ema_lerp`), one
+per rate; this callback only decides *when* to update, keeps the averages in
 the checkpoint, and swaps them into the live module for validation, testing and sampling.
 
 Nothing here depends on the rest of the project: any LightningModule works.
@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 CHECKPOINT_KEY = "ema"
 
@@ -42,6 +42,28 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 def _names(module: nn.Module) -> list[str]:
     """The state-dict names of `_tensors(module)`, in the same order."""
     return [name for name, _ in (*module.named_parameters(), *module.named_buffers())]
+
+
+def _ema_lerp(decay: float, callback: EMA):
+    """The `AveragedModel` update ema <- ema + (1 - d)(w - ema), as one foreach lerp.
+
+    When the module exposes ``step_applied`` (a 0-d bool device tensor, False where the
+    optimizer skipped a non-finite step), the rate is multiplied by it on the device, so
+    a skipped step leaves the averages untouched without a host sync.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        del num_averaged  # a constant-rate EMA does not depend on it
+        if averaged[0].is_floating_point():
+            applied = callback.step_applied
+            rate = 1.0 - decay
+            weight = rate if applied is None else applied.to(averaged[0]) * rate
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # integer buffers (e.g. counters) follow the module
+            torch._foreach_copy_(averaged, current)
+
+    return update
 
 
 @torch.no_grad()
@@ -147,6 +169,7 @@ class EMA(L.Callback):
         self._pending: dict[str, Any] | None = None  # loaded before the averages existed
         self._backups: list[list[torch.Tensor]] = []  # raw weights held by open swaps
         self._eval_swap: contextlib.ExitStack | None = None
+        self.step_applied: torch.Tensor | None = None  # the module's flag for the update in progress
 
     # ------------------------------------------------------------------------ lookup
     @staticmethod
@@ -191,7 +214,7 @@ class EMA(L.Callback):
             for decay in self.decays:
                 # deepcopy keeps the module's device; n_averaged stays on the CPU, so the
                 # `n_averaged == 0` test inside update_parameters never syncs the GPU.
-                averaged = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+                averaged = AveragedModel(module, multi_avg_fn=_ema_lerp(decay, self), use_buffers=True)
                 averaged.module.requires_grad_(False)
                 self.averaged_models[decay] = averaged
         else:  # a second fit with the same callback: follow the module's device
@@ -224,8 +247,12 @@ class EMA(L.Callback):
         self._last_step = step
         if self.should_update(step):
             module = self.target(pl_module)
-            for averaged in self.averaged_models.values():
-                averaged.update_parameters(module)
+            self.step_applied = getattr(pl_module, "step_applied", None)
+            try:
+                for averaged in self.averaged_models.values():
+                    averaged.update_parameters(module)
+            finally:
+                self.step_applied = None
 
     # ----------------------------------------------------------------------- swapping
     @contextlib.contextmanager

@@ -13,15 +13,29 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion, ModelVarType
 from diffusion.process.likelihood import estimate_bpd
 from diffusion.process.resample import LossAwareSampler, create_named_schedule_sampler
+from diffusion.training.metrics import WeightedMean
+from diffusion.training.nonfinite import NonFiniteGuard
 
 LEARNED_VARIANCES = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 ANNEALING = ("none", "linear", "cosine")
+# Keys of the model config that say how to run the UNet rather than what it is.
+RUNTIME_KEYS = ("channels_last", "compile")
+# The loss-aware t-sampler learns from (t, loss) pairs gathered on the device and handed
+# to the host every this many steps (one transfer, not one synchronisation per step).
+LOSS_HISTORY_FLUSH_STEPS = 16
+
+
+def split_model_config(config: Any) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(the UNet's config, the run-time options ``channels_last`` and ``compile``)."""
+    unet = {key: config[key] for key in config if key not in RUNTIME_KEYS}
+    runtime = {key: bool(config[key]) for key in RUNTIME_KEYS if config.get(key) is not None}
+    return unet, runtime
 
 
 def build_unet(
@@ -92,6 +106,14 @@ class DiffusionModule(L.LightningModule):
         anneal: ``"none"``, ``"linear"`` or ``"cosine"`` decay to 0 at the last step.
         val_seed: seeds the t and noise of the validation estimate, so that successive
             validations compare the same terms.
+        channels_last: run the UNet on NHWC activations (faster convolutions with oneDNN on
+            CPUs and with tensor cores on GPUs).
+        compile: ``torch.compile`` the UNet in place (``nn.Module.compile``: the state-dict
+            keys do not change); the first steps pay for the compilation.
+        nonfinite: ``{"policy": "skip" | "stop", "max_consecutive": int}`` for steps whose
+            loss or gradient is NaN or inf (see `diffusion.training.nonfinite`). Their update
+            is skipped on the device (a fused optimizer's ``found_inf``, or the fp16 scaler);
+            ``skip`` counts them in ``train/skipped_steps`` and warns, ``stop`` raises.
         run_config: the fully composed run config (a plain dict) stored in the checkpoint, so
             that sample.py and evaluate.py need nothing but the checkpoint.
     """
@@ -110,24 +132,38 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 0,
         anneal: str = "none",
         val_seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+        nonfinite: dict[str, Any] | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if anneal not in ANNEALING:
             raise ValueError(f"anneal={anneal!r} is not one of {ANNEALING}")
         check_label_dropout(label_dropout, num_classes)
+        nonfinite = dict(nonfinite or {})  # a plain dict in the checkpoint's hyper-parameters
         self.save_hyperparameters(ignore=["model", "diffusion", "optimizer"])
         self.diffusion = diffusion
         self.model = build_unet(
             model, diffusion, image_size=image_size, in_channels=in_channels,
             num_classes=num_classes, label_dropout=label_dropout,
         )
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.nonfinite = NonFiniteGuard(**nonfinite)
+        self.step_applied: torch.Tensor | None = None  # False where the last update was skipped
+        self._loss_finite: torch.Tensor | None = None
+        self._step_t: torch.Tensor | None = None
+        self._pending_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (t, loss) on device
         self.image_shape = (in_channels, image_size, image_size)
         self.num_classes = num_classes
         self.schedule_sampler = create_named_schedule_sampler(schedule_sampler, diffusion)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         # Loss per quarter of the t range, accumulated on-device (no per-step sync).
-        self.quarter_loss = nn.ModuleList(MeanMetric() for _ in range(4))
+        self.quarter_loss = nn.ModuleList(WeightedMean() for _ in range(4))
 
     # ----------------------------------------------------------------------------- model
     def model_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,7 +180,7 @@ class DiffusionModule(L.LightningModule):
     def denoiser(self, x_t: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """The network as the process calls it. Under autocast the UNet may run in half
         precision; its output is cast back so the diffusion math and the loss stay float32."""
-        return self.model(x_t, t, **model_kwargs).float()
+        return self.model(x_t.contiguous(memory_format=self.memory_format), t, **model_kwargs).float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         return self.denoiser(x_t, t, **model_kwargs)
@@ -156,22 +192,72 @@ class DiffusionModule(L.LightningModule):
         model_kwargs = self.model_kwargs(self.drop_labels(labels))
         terms = self.diffusion.training_losses(self.denoiser, x_start.float(), t, model_kwargs=model_kwargs)
         if isinstance(self.schedule_sampler, LossAwareSampler):
-            # Gathers (t, loss) from every DDP rank before updating the history.
-            self.schedule_sampler.update_with_local_losses(t, terms["loss"].detach())
+            self._pending_losses.append((t, terms["loss"].detach()))
+            if len(self._pending_losses) >= LOSS_HISTORY_FLUSH_STEPS:
+                self.flush_loss_history()
         loss = (terms["loss"] * weights).mean()
+        # Read in configure_gradient_clipping, after the backward, without a host sync.
+        self._loss_finite, self._step_t = torch.isfinite(loss.detach()), t
         self.log_terms(terms, t, batch_size=x_start.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=x_start.shape[0])
         return loss
+
+    def flush_loss_history(self) -> None:
+        """Hand the gathered (t, loss) pairs to the loss-aware sampler: one transfer (and,
+        under DDP, one all_gather) for many steps. Non-finite losses are dropped there."""
+        if not self._pending_losses:
+            return
+        device = self._pending_losses[-1][0].device  # entries restored from a checkpoint are on the CPU
+        ts, losses = (torch.cat([p.to(device) for p in parts]) for parts in zip(*self._pending_losses, strict=True))
+        self._pending_losses = []
+        # Gathers (t, loss) from every DDP rank before updating the history.
+        self.schedule_sampler.update_with_local_losses(ts, losses)
 
     def log_terms(self, terms: dict[str, torch.Tensor], t: torch.Tensor, batch_size: int) -> None:
         for key in ("mse", "vb"):
             if key in terms:
                 self.log(f"train/{key}", terms[key].mean(), batch_size=batch_size)
         quarter = (4 * t) // self.diffusion.num_timesteps  # (B,) in {0, 1, 2, 3}
+        loss = terms["loss"].detach()
+        finite = torch.isfinite(loss)  # skipped steps stay out of the averages
+        loss = torch.where(finite, loss, torch.zeros_like(loss))
         for q, metric in enumerate(self.quarter_loss):
-            mask = (quarter == q).to(terms["loss"].dtype)
-            metric.update(terms["loss"].detach(), mask)
+            mask = ((quarter == q) & finite).to(loss.dtype)
+            metric.update(loss, mask)
             self.log(f"train/loss_q{q}", metric, on_step=False, on_epoch=True)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip, then decide on the device whether this step's update is applied.
+
+        The gradient norm is computed (and logged) at every step; a non-finite loss or norm
+        skips the update. A fused optimizer skips it through ``found_inf``, the fp16 scaler
+        by itself; any other optimizer costs one host read per step to drop the gradients.
+        """
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # a fused optimizer would unscale inside step(): too late for the norm
+        grads = [p.grad for p in params]
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        self.log("train/grad_norm", norm)
+        loss_ok = self._loss_finite if self._loss_finite is not None else torch.isfinite(norm)
+        ok = loss_ok & torch.isfinite(norm)
+        if scaler is None and optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~ok).float()
+        elif scaler is None and not bool(ok):  # unfused: one sync per step; None grads are skipped
+            optimizer.zero_grad(set_to_none=True)
+        self.step_applied = ok
+        # Under the fp16 scaler an overflowing gradient is routine (the scale drops); only a
+        # non-finite loss counts as a fault.
+        self.nonfinite.record(loss_ok if scaler is not None else ok, self._step_t, self.global_step)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.model.parameters())
@@ -181,6 +267,21 @@ class DiffusionModule(L.LightningModule):
             optimizer, lambda step: warmup_anneal_factor(step, hp.warmup_steps, total, hp.anneal)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Act on non-finite steps reported by the device (a step or two late on CUDA)."""
+        message = self.nonfinite.check(self.nonfinite.poll(), self.last_checkpoint())
+        if message:
+            rank_zero_warn(message)
+        self.log("train/skipped_steps", self.nonfinite.count.float())
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and self.global_step % self.trainer.log_every_n_steps == 0:
+            # get_scale() reads the device: once per logging interval, not per step.
+            self.log("train/loss_scale", scaler.get_scale())
+
+    def last_checkpoint(self) -> str | None:
+        callback = self.trainer.checkpoint_callback
+        return (callback.last_model_path or callback.best_model_path or None) if callback else None
 
     # ------------------------------------------------------------------------ validation
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -213,8 +314,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if hasattr(self.schedule_sampler, "state_dict"):
             checkpoint["schedule_sampler"] = self.schedule_sampler.state_dict()
+        # Not yet handed to the sampler: kept so that a resume flushes at the same steps.
+        checkpoint["pending_losses"] = [(t.cpu(), loss.cpu()) for t, loss in self._pending_losses]
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("schedule_sampler")
         if state is not None and hasattr(self.schedule_sampler, "load_state_dict"):
             self.schedule_sampler.load_state_dict(state)
+        self._pending_losses = [(t, loss) for t, loss in checkpoint.get("pending_losses", [])]
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.training.module import DiffusionModule
+from diffusion.training.module import DiffusionModule, split_model_config
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> Diffusio
     # The run config is passed after instantiation: Hydra would otherwise try to
     # instantiate every _target_ inside it.
     module_factory = hydra.utils.instantiate(cfg.module, _partial_=True)
+    unet_cfg, runtime = split_model_config(cfg.model)
     return module_factory(
-        model=hydra.utils.instantiate(cfg.model),
+        model=hydra.utils.instantiate(unet_cfg),
+        **runtime,
         diffusion=hydra.utils.instantiate(cfg.diffusion),
         image_size=datamodule.image_size,
         in_channels=datamodule.channels,
