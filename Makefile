@@ -33,7 +33,7 @@ quickstart: setup
 	$(PY) train.py
 
 bench: setup
-	$(PY) bench/train_throughput.py
+	$(PY) bench/performance.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

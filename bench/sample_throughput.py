@@ -22,7 +22,7 @@ import torch
 
 from diffusion.jobs.common import autocast_network
 from diffusion.sampling import get_sampler
-from diffusion.training.module import build_unet
+from diffusion.training.module import build_unet, split_model_config
 
 
 SHAPES = {"digits_quickstart": (8, 1), "cifar_cosine_learned_sigma": (32, 3)}
@@ -32,9 +32,20 @@ def measure(preset, sampler_name, batch, device, precision, max_seconds):
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_preset(preset, [], out)
     image_size, channels = SHAPES[preset]
+    return measure_config(cfg, image_size, channels, sampler_name, batch, device, precision, max_seconds)
+
+
+def measure_config(cfg, image_size, channels, sampler_name, batch, device, precision, max_seconds):
+    """(images/s, model evaluations) of ``sampler_name`` with the UNet of a composed train
+    config (fresh weights), run as its ``model.channels_last`` and ``model.compile`` say."""
     process = hydra.utils.instantiate(cfg.diffusion)
-    net = build_unet(hydra.utils.instantiate(cfg.model), process, image_size=image_size,
+    unet_cfg, runtime = split_model_config(cfg.model)
+    net = build_unet(hydra.utils.instantiate(unet_cfg), process, image_size=image_size,
                      in_channels=channels, num_classes=None).to(device).eval()
+    if runtime.get("channels_last"):
+        net = net.to(memory_format=torch.channels_last)
+    if runtime.get("compile"):
+        net.compile()  # compiles during the warm-up run below
     model = autocast_network(net, torch.device(device), precision)
 
     sampler = get_sampler(sampler_name)

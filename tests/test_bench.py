@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark harness bench/performance.py on the quickstart preset.
+
+The figures themselves are measured on a quiet machine (README, `make bench`); these tests
+check that one tiny run produces finite, positive numbers and records nothing it is told not
+to, and that the FLOP count behaves as a count of the network's work must.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*no `val_dataloader`"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)"),
+]
+
+TINY_RUN = ["--presets", "digits_quickstart", "--batch", "4", "--warmup", "1", "--steps", "2",
+            "--sampler", "ddim10", "--sample-batch", "2", "--loader-batches", "2"]
+
+
+@pytest.fixture
+def performance(monkeypatch, tmp_path):
+    """bench/performance.py, with its results file in tmp_path, a device peak from tiny
+    matmuls and convolutions (the plumbing is under test, not the figure), and Lightning's
+    logging left as the other tests expect it."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.chdir(REPO)
+    import performance
+
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results.md")
+    monkeypatch.setitem(performance.MATMUL_SIZES, "cpu", (64,))
+    monkeypatch.setitem(performance.CONV_SHAPES, "cpu", ((2, 8, 8, 8),))
+    monkeypatch.setitem(performance.TIMING_SECONDS, "cpu", 0.01)
+    monkeypatch.setattr(performance, "quiet", lambda: None)  # keeps the global logging levels
+    yield performance
+    GlobalHydra.instance().clear()
+
+
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def test_tiny_run_reports_finite_figures_and_records_only_when_asked(performance, tmp_path):
+    results = REPO / "bench" / "results.md"
+    before = results.read_bytes()
+    (report,) = performance.main([*TINY_RUN, "--ablate", "grad_checkpoint", "--repeats", "1", "--no-record"])
+    assert results.read_bytes() == before and not (tmp_path / "results.md").exists()
+
+    run = report["train"]
+    for value in (run.images_per_s, run.step_s, run.forward_s, run.backward_s, run.flops_per_image,
+                  run.achieved, run.peak_memory, run.saved_bytes, report["conv"].flops_per_s,
+                  report["matmul"].flops_per_s, report["sampling"][0], report["loader"][0]):
+        assert positive(value)
+    assert 0.0 <= run.share_outside <= 1.0
+    assert run.forward_s + run.backward_s <= run.step_s
+    (ablation,) = report["ablations"]
+    assert positive(ablation.ratio)
+    # Checkpointing keeps only block inputs: far fewer bytes saved for backward.
+    assert ablation.variant.saved_bytes < ablation.baseline.saved_bytes
+
+    performance.record_rows(report)  # into tmp_path (the fixture), never bench/results.md
+    text = (tmp_path / "results.md").read_text()
+    for table in ("Training performance (MFU harness)", "Ablations", "Sampling throughput", "Data loading"):
+        assert f"## {table}" in text
+    assert text.count("bench/performance.py --presets digits_quickstart") == 3
+    assert results.read_bytes() == before
+
+
+def test_flop_count_is_linear_in_the_batch_and_exceeds_two_flops_per_parameter(performance, tmp_path):
+    import hydra
+
+    from diffusion.training.run import build_module
+
+    cfg = performance.compose_preset("digits_quickstart", [], str(tmp_path / "run"))
+    module = build_module(cfg, hydra.utils.instantiate(cfg.data))
+    per_image = [performance.flops_per_image(module, batch) for batch in (1, 2, 5)]
+    assert per_image[0] == per_image[1] == per_image[2]  # total FLOPs exactly linear in the batch
+    params = sum(p.numel() for p in module.model.parameters())
+    # A forward alone costs 2 FLOPs per weight per use, and every weight is used at least once.
+    assert per_image[0] > 2 * params
