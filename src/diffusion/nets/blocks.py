@@ -243,7 +243,9 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))  # (B, 3C, T)
         t = qkv.shape[-1]
         qkv = qkv.reshape(b, heads, 3, d, t)  # (B, 3C, T) -> (B, heads, 3, d, T), head-major
-        q, k, v = qkv.permute(2, 0, 1, 4, 3).unbind(0)  # -> 3 x (B, heads, T, d)
+        # -> 3 x (B, heads, T, d), made contiguous: the fused (flash) kernels need d innermost
+        # and fall back to the unfused math otherwise (x1.5 slower on a CPU, bench/results.md)
+        q, k, v = qkv.permute(2, 0, 1, 4, 3).contiguous().unbind(0)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d); scale 1/√d
         h = h.transpose(-1, -2).reshape(b, c, t)  # (B, heads, d, T) -> (B, C, T)
         h = self.proj_out(h)
