@@ -310,3 +310,24 @@ def test_autocast_bf16_forward():
         out = model(x, t)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, model(x, t), rtol=0.1, atol=0.1)
+
+
+def test_cpu_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it():
+    from diffusion.nets.blocks import Dropout
+
+    torch.manual_seed(0)
+    p, n = 0.3, 200_000
+    layer = Dropout(p)
+    x = torch.full((n,), 2.0, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2.0 / (1 - p)))  # scaled by 1/(1 - p)
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p), rtol=0, atol=1e-6)
+    assert torch.equal(layer.eval()(x), x)  # identity in eval
+    layer.train()
+    fresh = torch.ones(8, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert layer(fresh).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(Dropout(1.0)(fresh), torch.zeros_like(fresh))  # p = 1: nn.Dropout's path

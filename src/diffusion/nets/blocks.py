@@ -118,6 +118,22 @@ class Downsample(nn.Module):
         return self.op(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` whose mask comes from ``torch.rand`` on a CPU.
+
+    There ``F.dropout`` draws the mask with ``bernoulli_``, which made a dropout layer 1.4x
+    slower forward and backward than this at the CIFAR UNet's sizes (about 3% of a
+    training step). Same law: keep each value with probability 1 - p, scaled by
+    1/(1 - p). Other devices keep their fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or self.inplace or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # float32 draws, also under bf16
+        return (x * keep).mul_(1.0 / (1.0 - self.p))
+
+
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the timestep embedding.
 
@@ -161,7 +177,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
-            nn.Dropout(p=dropout),
+            Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
         if self.out_channels == channels:
