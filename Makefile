@@ -34,6 +34,7 @@ quickstart: setup
 
 bench: setup
 	$(PY) bench/performance.py
+	$(PY) bench/kernels.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -94,6 +94,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sample_throughput
 from diffusion.training.run import build_module
+from diffusion.utils.host_memory import retain_freed_memory
 
 PRESETS = ("cifar_cosine_learned_sigma", "digits_quickstart")
 # Defaults by device type: (warm-up steps, timed steps), and batches where 128 / 256 do not fit.
@@ -475,6 +476,8 @@ def train_once(cfg, device: torch.device, warmup: int, steps: int) -> TrainRun:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, verbose=False)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision") or "highest")
+    if cfg.get("retain_freed_memory"):
+        retain_freed_memory()
     batch = int(cfg.data.batch_size)
     data = SyntheticData(hydra.utils.instantiate(cfg.data), batch, warmup + steps + 1, device)
     module = build_module(cfg, data)

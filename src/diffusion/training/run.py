@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.training.module import DiffusionModule, split_model_config
+from diffusion.utils.host_memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
+    if cfg.get("retain_freed_memory"):
+        retain_freed_memory()
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg, datamodule)
