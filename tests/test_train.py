@@ -11,6 +11,7 @@ import hydra
 import pytest
 import torch
 
+from diffusion.training.module import LOSS_HISTORY_FLUSH_STEPS
 from diffusion.training.run import train
 
 from conftest import REPO, TINY_UNET
@@ -131,7 +132,8 @@ def test_ddp_two_cpu_processes(tmp_path):
         "trainer.devices=2",
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
-        "trainer.max_steps=3",
+        f"trainer.max_steps={LOSS_HISTORY_FLUSH_STEPS}",  # one hand-over to the sampler
+        "data.batch_size=4",
         "test_after_fit=false",
         "trainer.limit_val_batches=0",
         "module.schedule_sampler=loss-second-moment",
@@ -140,13 +142,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = _load(out / "checkpoints" / "last.ckpt")
-    assert checkpoint["global_step"] == 3
-    # Both ranks' losses reached the sampler: 2 ranks x 3 steps x 16 examples.
-    assert checkpoint["schedule_sampler"]["loss_counts"].sum() == 2 * 3 * 16
+    assert checkpoint["global_step"] == LOSS_HISTORY_FLUSH_STEPS
+    # Both ranks' losses reached the sampler: 2 ranks x 16 steps x 4 examples.
+    assert checkpoint["schedule_sampler"]["loss_counts"].sum() == 2 * LOSS_HISTORY_FLUSH_STEPS * 4
+    assert checkpoint["pending_losses"] == []
 
 
 def test_loss_aware_sampler_learns_in_batches_of_steps_without_losing_any(compose_cfg):
-    from diffusion.training.module import LOSS_HISTORY_FLUSH_STEPS
     from diffusion.training.run import build_module
 
     cfg = compose_cfg("train", [*TINY_RUN, "module.schedule_sampler=loss-second-moment"])
