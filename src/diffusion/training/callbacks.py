@@ -25,6 +25,7 @@ from torchvision.utils import make_grid, save_image  # safe: the diffusion packa
 
 from diffusion.process.respace import SpacedDiffusion, space_timesteps
 from diffusion.training.ema import EMA
+from diffusion.utils.checks import require_int
 
 LOG_KEY = "train/samples"
 
@@ -133,8 +134,7 @@ class SampleGrid(L.Callback):
         self.dirpath = dirpath
         for name, value, low in (("every_n_steps", every_n_steps, 0), ("num_samples", num_samples, 1),
                                  ("ddim_steps", ddim_steps, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"SampleGrid: {name}={value!r} must be an integer >= {low}")
+            require_int(f"SampleGrid: {name}", value, low)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.ddim_steps = ddim_steps
@@ -257,9 +257,7 @@ class ProgressBar(RichProgressBar):
 
     def __init__(self, metrics_every_n_steps: int = 25, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(metrics_every_n_steps, bool) or not isinstance(metrics_every_n_steps, int) \
-                or metrics_every_n_steps < 1:
-            raise ValueError(f"ProgressBar: metrics_every_n_steps={metrics_every_n_steps!r} must be an integer >= 1")
+        require_int("ProgressBar: metrics_every_n_steps", metrics_every_n_steps, 1)
         self.metrics_every_n_steps = metrics_every_n_steps
         self._shown: dict[str, Any] | None = None
 

@@ -31,6 +31,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from diffusion.utils.checks import require_int
+
 CHECKPOINT_KEY = "ema"
 
 
@@ -153,10 +155,8 @@ class EMA(L.Callback):
                 raise ValueError(f"EMA: decay={decay!r} is not a number in [0, 1]")
         if len(set(map(float, decays))) != len(decays):
             raise ValueError(f"EMA: decays={decays!r} repeats a rate; each rate must be distinct")
-        if not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
-            raise ValueError(f"EMA: update_every_n_steps={update_every_n_steps!r} must be an integer >= 1")
-        if not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"EMA: start_step={start_step!r} must be an integer >= 0")
+        require_int("EMA: update_every_n_steps", update_every_n_steps, 1)
+        require_int("EMA: start_step", start_step, 0)
         if not isinstance(attribute, str) or not attribute:
             raise ValueError(f"EMA: attribute={attribute!r} must name a sub-module, e.g. 'model'")
         self.decays = tuple(float(d) for d in decays)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from diffusion.utils.checks import require_int
+
 POLICIES = ("skip", "stop")
 
 # Layout of the packed int64 device state: four counters, then two rows of timesteps.
@@ -53,8 +55,7 @@ class NonFiniteGuard:
     def __init__(self, policy: str = "skip", max_consecutive: int = 20) -> None:
         if policy not in POLICIES:
             raise ValueError(f"module.nonfinite.policy={policy!r} is not one of {POLICIES}")
-        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
-            raise ValueError(f"module.nonfinite.max_consecutive={max_consecutive!r} must be an integer >= 1")
+        require_int("module.nonfinite.max_consecutive", max_consecutive, 1)
         self.policy = policy
         self.max_consecutive = max_consecutive
         self.state: torch.Tensor | None = None  # int64 (4 + 2W,) on the training device
