@@ -66,20 +66,20 @@ class NonFiniteGuard:
 
     # ------------------------------------------------------------------ device side
     def _ensure_state(self, t: torch.Tensor) -> torch.Tensor:
+        """The state on ``t``'s device, with rows at least as wide as ``t`` (on the device)."""
         width = max(self.width, t.numel())
-        if self.state is None or self.state.device != t.device or width != self.width:
+        if self.state is None:
             state = torch.full((_HEAD + 2 * width,), -1, dtype=torch.int64, device=t.device)
             state[_COUNT] = state[_CONSECUTIVE] = 0
-            if self.state is not None:  # a wider batch: keep the counters, re-pad the rows
-                old = self.unpack(self.state.cpu().tolist())
-                state[:_HEAD] = torch.tensor(
-                    [old.count, old.consecutive, old.first_step, old.last_step], device=t.device
-                )
-                state[_HEAD:_HEAD + len(old.first_t)] = torch.tensor(old.first_t, dtype=torch.int64)
-                state[_HEAD + width:_HEAD + width + len(old.last_t)] = torch.tensor(old.last_t, dtype=torch.int64)
-            self.state, self.width = state, width
-            self._host = self._event = None
-        return self.state
+        elif self.state.device != t.device or width != self.width:
+            old, w = self.state.to(t.device), self.width
+            rows = [F.pad(old[_HEAD + i * w:_HEAD + (i + 1) * w], (0, width - w), value=-1) for i in (0, 1)]
+            state = torch.cat([old[:_HEAD], *rows])
+        else:
+            return self.state
+        self.state, self.width = state, width
+        self._host = self._event = None
+        return state
 
     @torch.no_grad()
     def record(self, ok: torch.Tensor, t: torch.Tensor, step: int) -> None:
@@ -167,9 +167,7 @@ class NonFiniteGuard:
         return None if self.state is None else self.unpack(self.state.tolist())
 
     def state_dict(self) -> dict:
-        report = self.latest()
-        return {"values": [] if self.state is None else self.state.tolist(), "reported": self.reported,
-                "count": 0 if report is None else report.count}
+        return {"values": [] if self.state is None else self.state.tolist(), "reported": self.reported}
 
     def load_state_dict(self, state: dict) -> None:
         values = list(state.get("values") or [])
