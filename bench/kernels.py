@@ -7,8 +7,8 @@ each is timed here against the implementation it replaced, at the CIFAR UNet's s
 - dropout: ``F.dropout`` (bernoulli_ mask) against `diffusion.nets.blocks.Dropout`
   (torch.rand mask on a CPU), forward and backward;
 - attention: ``scaled_dot_product_attention`` on q, k, v sliced from the qkv tensor with d
-  strided (the unfused math path) against contiguous q, k, v (the fused flash kernel),
-  forward and backward;
+  strided (the unfused math path) against `diffusion.nets.blocks.qkv_attention` (contiguous
+  q, k, v: the fused flash kernel), forward and backward;
 - EMA: one update of every UNet parameter by a Python loop of ``lerp_`` against one
   ``torch._foreach_lerp_`` (what the EMA callback does).
 
@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffusion.nets.blocks import Dropout
+from diffusion.nets.blocks import Dropout, qkv_attention
 from diffusion.nets.unet import UNet
 
 
@@ -67,17 +67,13 @@ def dropout_case(device):
 def attention_case(device):
     # 16x16 attention of the CIFAR UNet at batch 32: 256 channels, 4 heads of 64, T = 256
     b, heads, d, t = 32, 4, 64, 256
-    qkv = torch.randn(b, heads, 3, d, t, device=device, requires_grad=True)
+    qkv = torch.randn(b, 3 * heads * d, t, device=device, requires_grad=True)
 
-    def strided():
-        q, k, v = qkv.permute(2, 0, 1, 4, 3).unbind(0)
+    def strided():  # what qkv_attention did before: q, k, v sliced with d strided
+        q, k, v = qkv.reshape(b, heads, 3, d, t).permute(2, 0, 1, 4, 3).unbind(0)
         F.scaled_dot_product_attention(q, k, v).sum().backward()
 
-    def contiguous():
-        q, k, v = qkv.permute(2, 0, 1, 4, 3).contiguous().unbind(0)
-        F.scaled_dot_product_attention(q, k, v).sum().backward()
-
-    return strided, contiguous
+    return strided, lambda: qkv_attention(qkv, heads).sum().backward()
 
 
 def ema_case(device):
@@ -100,7 +96,7 @@ def ema_case(device):
 
 CASES = {
     "dropout p=0.3, (32, 256, 16, 16) NHWC, fwd+bwd": ("F.dropout (bernoulli_)", "blocks.Dropout (torch.rand)", dropout_case),
-    "attention 4 heads x 64, T=256, batch 32, fwd+bwd": ("strided q/k/v (math)", "contiguous q/k/v (flash)", attention_case),
+    "attention 4 heads x 64, T=256, batch 32, fwd+bwd": ("strided q/k/v (math)", "blocks.qkv_attention (flash)", attention_case),
     "EMA update of the CIFAR UNet (52.5M parameters)": ("loop of lerp_", "torch._foreach_lerp_", ema_case),
 }
 

@@ -22,7 +22,7 @@ import torch
 
 from diffusion.jobs.common import autocast_network
 from diffusion.sampling import get_sampler
-from diffusion.training.module import build_unet, split_model_config
+from diffusion.training.module import build_unet, prepare_network, split_model_config
 
 
 SHAPES = {"digits_quickstart": (8, 1), "cifar_cosine_learned_sigma": (32, 3)}
@@ -42,10 +42,7 @@ def measure_config(cfg, image_size, channels, sampler_name, batch, device, preci
     unet_cfg, runtime = split_model_config(cfg.model)
     net = build_unet(hydra.utils.instantiate(unet_cfg), process, image_size=image_size,
                      in_channels=channels, num_classes=None).to(device).eval()
-    if runtime.get("channels_last"):
-        net = net.to(memory_format=torch.channels_last)
-    if runtime.get("compile"):
-        net.compile()  # compiles during the warm-up run below
+    prepare_network(net, **runtime)  # a compiled network compiles in the warm-up run below
     model = autocast_network(net, torch.device(device), precision)
 
     sampler = get_sampler(sampler_name)

@@ -206,6 +206,19 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+def qkv_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d) V per head, from the (B, 3C, T) output of the qkv projection, whose
+    channels are head-major (head, then q/k/v, then d); returns (B, C, T)."""
+    b, width, t = qkv.shape
+    c = width // 3
+    qkv = qkv.reshape(b, heads, 3, c // heads, t)  # (B, 3C, T) -> (B, heads, 3, d, T)
+    # -> 3 x (B, heads, T, d), made contiguous: the fused (flash) kernels need d innermost
+    # and fall back to the unfused math otherwise (x1.32 slower on a CPU, bench/kernels.py)
+    q, k, v = qkv.permute(2, 0, 1, 4, 3).contiguous().unbind(0)
+    h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d); scale 1/√d
+    return h.transpose(-1, -2).reshape(b, c, t)  # (B, heads, d, T) -> (B, C, T)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the spatial positions, with a residual connection.
 
@@ -254,15 +267,6 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        heads, d = self.num_heads, c // self.num_heads
         x = x.reshape(b, c, -1)  # (B, C, H, W) -> (B, C, T)
-        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
-        t = qkv.shape[-1]
-        qkv = qkv.reshape(b, heads, 3, d, t)  # (B, 3C, T) -> (B, heads, 3, d, T), head-major
-        # -> 3 x (B, heads, T, d), made contiguous: the fused (flash) kernels need d innermost
-        # and fall back to the unfused math otherwise (x1.5 slower on a CPU, bench/results.md)
-        q, k, v = qkv.permute(2, 0, 1, 4, 3).contiguous().unbind(0)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d); scale 1/√d
-        h = h.transpose(-1, -2).reshape(b, c, t)  # (B, heads, d, T) -> (B, C, T)
-        h = self.proj_out(h)
+        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.num_heads))
         return (x + h).reshape(b, c, *spatial)  # (B, C, T) -> (B, C, H, W)

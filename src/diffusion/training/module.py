@@ -63,6 +63,16 @@ def build_unet(
     )
 
 
+def prepare_network(net: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Apply the run-time options in place: NHWC weights, and ``nn.Module.compile`` (which
+    keeps the state-dict keys). Inputs must be NHWC too for channels_last to pay."""
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if compile:
+        net.compile()
+    return net
+
+
 def check_label_dropout(label_dropout: float, num_classes: int | None) -> None:
     valid = isinstance(label_dropout, (int, float)) and not isinstance(label_dropout, bool)
     if not (valid and 0.0 <= label_dropout < 1.0):
@@ -148,10 +158,7 @@ class DiffusionModule(L.LightningModule):
             model, diffusion, image_size=image_size, in_channels=in_channels,
             num_classes=num_classes, label_dropout=label_dropout,
         )
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if compile:
-            self.model.compile()
+        prepare_network(self.model, channels_last=channels_last, compile=compile)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.nonfinite = NonFiniteGuard(**nonfinite)
         self.step_applied: torch.Tensor | None = None  # False where the last update was skipped
