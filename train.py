@@ -6,23 +6,19 @@
     python train.py --help            # every config group and its choices
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
+from diffusion.jobs.errors import exit_on_error
 from diffusion.training.nonfinite import NonFiniteLossError
 from diffusion.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_error((NonFiniteLossError,), 1):  # it names the step, its t values, the checkpoint
         metrics = train(cfg)
-    except NonFiniteLossError as err:  # the message names the step, its t values and the checkpoint
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
     # Returned so that Hydra sweepers can optimise it.
     return metrics.get("test/bpd", metrics.get("val/bpd"))
 

@@ -13,11 +13,16 @@ USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError)
 
 
 @contextlib.contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """Print ``error: <message>`` on one line and exit with status 2 on bad input."""
+def exit_on_error(errors: tuple[type[BaseException], ...], status: int) -> Iterator[None]:
+    """Print ``error: <message>`` on one line and exit with ``status`` on one of ``errors``."""
     try:
         yield
-    except USER_ERRORS as err:
+    except errors as err:
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(status)
+
+
+def exit_on_user_error() -> contextlib.AbstractContextManager[None]:
+    """Exit with status 2 on bad input (`USER_ERRORS`)."""
+    return exit_on_error(USER_ERRORS, 2)
