@@ -11,6 +11,7 @@ from diffusion.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from diffusion.training.run import build_module
 
 from conftest import quiet_trainer
+from fixtures import InjectNaN
 from test_train import TINY_RUN
 
 NAN_STEP = 3
@@ -69,17 +70,6 @@ def test_bad_guard_settings_are_named(kwargs, match):
 
 
 # ------------------------------------------------------------------------ in a training run
-class InjectNaN:
-    """Poisons the images of the batches drawn at the given global steps."""
-
-    def __init__(self, steps):
-        self.steps = set(steps)
-
-    def __call__(self, trainer, batch):
-        if trainer.global_step in self.steps:
-            batch[0].fill_(float("nan"))
-
-
 def _state(trainer, module, ema):
     tensors = {f"w.{n}": p.detach().clone() for n, p in module.model.named_parameters()}
     for i, state in enumerate(trainer.optimizers[0].state.values()):
@@ -97,7 +87,7 @@ class Probe(EMA):
         self.inject, self.before, self.after, self.t = inject, {}, {}, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.inject(trainer, batch)
+        self.inject.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if trainer.global_step in (NAN_STEP - 1, NAN_STEP):
             self.before[trainer.global_step] = _state(trainer, pl_module, self)
 
