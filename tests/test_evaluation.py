@@ -107,6 +107,58 @@ def test_evaluate_bpd_on_a_respaced_process():
     torch.testing.assert_close(result["bpd"], expected["total_bpd"].mean().item(), rtol=1e-12, atol=1e-12)
 
 
+class DeviceBoundNet(nn.Module):
+    """The oracle behind a parameter, so that its device is visible (as a UNet's is), and
+    refusing inputs from another device as a real network does."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t):
+        if x_t.device != self.anchor.device or t.device != self.anchor.device:
+            raise RuntimeError(f"inputs on {x_t.device}, network on {self.anchor.device}")
+        return self.inner(x_t, t)
+
+
+def bpd_through_a_closure(device):
+    """evaluate_bpd of a closure around a network on ``device`` (as the evaluate job wraps
+    the UNet in autocast), with CPU batches, against the network passed directly."""
+    diffusion = make_diffusion()
+    net = DeviceBoundNet(GaussianDataDenoiser(diffusion, MU, STD)).to(device)
+    seen = []
+
+    def closure(x_t, t):  # hides the network's parameters, and so its device
+        seen.append(x_t.device)
+        return net(x_t, t)
+
+    batches = data_batches(num_batches=2)
+    via_closure = evaluate_bpd(diffusion, closure, batches, device=device,
+                               generator=torch.Generator().manual_seed(3))
+    direct = evaluate_bpd(diffusion, net, batches, generator=torch.Generator().manual_seed(3))
+    assert {d.type for d in seen} == {torch.device(device).type} and len(seen) == 2 * T
+    return via_closure, direct
+
+
+def test_evaluate_bpd_moves_batches_to_the_given_device_for_a_closure():
+    via_closure, direct = bpd_through_a_closure("cpu")
+    assert via_closure == direct  # the same numbers, bit for bit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_bpd_with_a_closure_around_a_cuda_network():
+    via_closure, direct = bpd_through_a_closure("cuda")
+    assert via_closure == direct
+    cpu, _ = bpd_through_a_closure("cpu")  # a CPU generator: the same noise on any device
+    torch.testing.assert_close(via_closure["bpd"], cpu["bpd"], rtol=1e-9, atol=0)
+    # without device=, a closure's batches stay on the CPU and the network refuses them
+    net = DeviceBoundNet(GaussianDataDenoiser(make_diffusion(), MU, STD)).cuda()
+    with pytest.raises(RuntimeError, match="inputs on cpu, network on cuda"):
+        evaluate_bpd(make_diffusion(), lambda x_t, t: net(x_t, t), data_batches(num_batches=1))
+
+
 def test_evaluate_bpd_without_images_is_an_error():
     diffusion = make_diffusion()
     with pytest.raises(ValueError, match="no images"):

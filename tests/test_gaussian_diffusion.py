@@ -1,5 +1,6 @@
 """GaussianDiffusion against closed forms computed here, in float64 (DDPM, IDDPM, DDIM)."""
 
+import inspect
 import math
 
 import numpy as np
@@ -264,6 +265,31 @@ def test_wrong_output_channels_is_a_clear_error():
         make("epsilon", "fixed_small").training_losses(
             constant_model(torch.cat([eps, eps], 1)), x0, t
         )
+
+
+@pytest.mark.parametrize(
+    "var_type, learned",
+    [("fixed_small", False), ("fixed_large", False), ("learned", True), ("learned_range", True)],
+)
+def test_learned_variances_double_the_output_width(var_type, learned):
+    # IDDPM sec. 3.1: Σ_θ takes C more channels, after the mean's C
+    assert ModelVarType(var_type).is_learned() is learned
+    assert make("epsilon", var_type).model_output_channels(3) == (6 if learned else 3)
+
+
+def test_init_kwargs_hold_every_constructor_argument():
+    # respace() copies init_kwargs: an argument missing here would silently fall back to
+    # its default in every respaced process (as loss_weighting and min_snr_gamma once did)
+    d = make("v", "learned_range", "rescaled_mse", rescale_timesteps=True,
+             loss_weighting="min_snr", min_snr_gamma=2.5)
+    kwargs = d.init_kwargs
+    assert set(kwargs) == set(inspect.signature(GaussianDiffusion).parameters)
+    np.testing.assert_array_equal(kwargs["betas"], d.betas)
+    # every argument is kept as the process holds it under its own name
+    assert all(kwargs[name] == getattr(d, name) for name in kwargs if name != "betas")
+    rebuilt = GaussianDiffusion(**kwargs)
+    np.testing.assert_array_equal(rebuilt.mse_loss_weights, d.mse_loss_weights)
+    assert (rebuilt.loss_weighting, rebuilt.min_snr_gamma) == ("min_snr", 2.5)
 
 
 def test_model_sees_indices_or_rescaled_floats():

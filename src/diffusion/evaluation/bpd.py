@@ -24,26 +24,14 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from diffusion.process.respace import SpacedDiffusion, space_timesteps
+from diffusion.process._tensor import model_device
+from diffusion.process.respace import respace, space_timesteps
 
 
 def respace_process(diffusion, respacing: str):
-    """``diffusion`` restricted to the steps of ``space_timesteps(T, respacing)``."""
-    return SpacedDiffusion(
-        space_timesteps(diffusion.num_timesteps, respacing),
-        betas=diffusion.betas,
-        model_mean_type=diffusion.model_mean_type,
-        model_var_type=diffusion.model_var_type,
-        loss_type=diffusion.loss_type,
-        rescale_timesteps=diffusion.rescale_timesteps,
-    )
-
-
-def _model_device(model) -> torch.device | None:
-    if isinstance(model, torch.nn.Module):
-        for tensor in [*model.parameters(), *model.buffers()]:
-            return tensor.device
-    return None
+    """``diffusion`` restricted to the steps of ``space_timesteps(T, respacing)``, with
+    every other setting kept (``process.respace.respace``)."""
+    return respace(diffusion, space_timesteps(diffusion.num_timesteps, respacing))
 
 
 class _Sums:
@@ -95,6 +83,7 @@ def evaluate_bpd(
     max_batches: int | None = None,
     respacing: str | None = None,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
     """The variational bound in bits/dim, averaged over the images of ``batches``.
 
@@ -110,7 +99,11 @@ def evaluate_bpd(
         max_batches: stop after this many batches.
         respacing: section counts (``"10,15,20"``, ``"ddim50"``) to evaluate the looser
             bound of the respaced process instead (see the module docstring).
-        generator: torch.Generator for the x_t noise (on the model's device).
+        generator: torch.Generator for the x_t noise (drawn where it lives, then moved).
+        device: where the batches are moved before the model sees them. Default: the
+            model's device if it is an nn.Module with tensors, else the CPU. Pass it
+            whenever ``model`` is a closure (an autocast wrapper, a guided model) around a
+            network elsewhere: a closure's device cannot be seen.
 
     Returns:
         plain dict: ``bpd`` (total), ``prior_bpd``, ``decoder_bpd`` (L_0), ``vb_terms_bpd``
@@ -124,15 +117,14 @@ def evaluate_bpd(
         if respacing is None
         else [int(t) for t in process.timestep_map]
     )
-    device = _model_device(model)
+    device = torch.device(device if device is not None else model_device(model) or "cpu")
     sums = _Sums()
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
         images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        if device is not None:
-            images = images.to(device)
-            labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels
+        images = images.to(device)
+        labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels
         model_kwargs = model_kwargs_fn(labels) if model_kwargs_fn is not None else None
         out = process.calc_bpd_loop(
             model, images, clip_denoised=clip_denoised, model_kwargs=model_kwargs,

@@ -13,7 +13,7 @@ from diffusion.process.resample import (
     UniformSampler,
     create_named_schedule_sampler,
 )
-from diffusion.process.respace import SpacedDiffusion, space_timesteps
+from diffusion.process.respace import SpacedDiffusion, respace, space_timesteps
 from diffusion.process.schedules import betas_for_alpha_bar, get_named_beta_schedule
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "betas_for_alpha_bar",
     "create_named_schedule_sampler",
     "get_named_beta_schedule",
+    "respace",
     "space_timesteps",
 ]

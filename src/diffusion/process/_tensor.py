@@ -1,6 +1,10 @@
-"""The one helper that gathers schedule constants for a batch of timesteps."""
+"""The process's tensor plumbing, each piece written once: the gather of schedule constants
+for a batch of timesteps, the noise draw, where a model lives, and the timesteps a model sees.
+"""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -52,3 +56,70 @@ def extract_into_tensor(
     table = device_table(arr, like.dtype, like.device)
     values = table[timesteps.to(like.device).long()]  # (B,)
     return values.view(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+
+
+# ------------------------------------------------------------------------------ noise
+def randn(shape, generator: torch.Generator | None, *, dtype=None, device=None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device`` (default CPU) in ``dtype``.
+
+    Drawn where the generator lives and then moved, so that a CPU generator gives the same
+    numbers whatever device the samples live on (one seed, one set of images).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    where = device if generator is None else generator.device
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=where).to(device)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``randn`` of x's shape, dtype and device."""
+    return randn(x.shape, generator, dtype=x.dtype, device=x.device)
+
+
+# ------------------------------------------------------------------ the model's placement
+def _first_tensor(model, floating_only: bool) -> torch.Tensor | None:
+    if not isinstance(model, torch.nn.Module):
+        return None  # a closure or a wrapper: its tensors, if any, are out of sight
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((x for x in tensors if x.is_floating_point() or not floating_only), None)
+
+
+def model_device(model) -> torch.device | None:
+    """Where an nn.Module's tensors live (its first parameter or buffer); None for a model
+    without tensors, e.g. a closure around a network or an analytic model, whose device
+    only the caller knows."""
+    tensor = _first_tensor(model, floating_only=False)
+    return None if tensor is None else tensor.device
+
+
+def model_dtype(model) -> torch.dtype | None:
+    """The float type of an nn.Module's first floating parameter or buffer; None if none."""
+    tensor = _first_tensor(model, floating_only=True)
+    return None if tensor is None else tensor.dtype
+
+
+# ------------------------------------------------------------- the timesteps a model sees
+# improved-diffusion's ``rescale_timesteps``: the network receives t·1000/T as floats, so
+# that it sees the 0..1000 range of the DDPM paper's T = 1000 runs whatever T is.
+RESCALED_TIME_RANGE = 1000.0
+
+
+def timestep_scale(num_timesteps: int, rescale_timesteps: bool) -> float:
+    """The factor from a 0-based step index of a T-step process to the network's input:
+    1000/T with ``rescale_timesteps``, else 1."""
+    return RESCALED_TIME_RANGE / num_timesteps if rescale_timesteps else 1.0
+
+
+def scale_timesteps(t: torch.Tensor, num_timesteps: int, rescale_timesteps: bool) -> torch.Tensor:
+    """What the network receives for step indices ``t``: ``t`` itself (int64), or
+    t·1000/T as float32 with ``rescale_timesteps``."""
+    if not rescale_timesteps:
+        return t
+    return t.float() * timestep_scale(num_timesteps, True)
+
+
+def unscale_timesteps(t: torch.Tensor, num_timesteps: int, rescale_timesteps: bool) -> torch.Tensor:
+    """The inverse of ``scale_timesteps``: the network's timesteps as float64 (fractional)
+    step indices, t·T/1000 with ``rescale_timesteps``."""
+    if not rescale_timesteps:
+        return t.double()
+    return t.double() * (num_timesteps / RESCALED_TIME_RANGE)

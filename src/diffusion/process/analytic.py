@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion.process._tensor import extract_into_tensor
+from diffusion.process._tensor import extract_into_tensor, unscale_timesteps
 from diffusion.process.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 
 
@@ -50,10 +50,9 @@ class GaussianDataDenoiser(nn.Module):
         self.std = float(std)
 
     def _fractional_index(self, t: torch.Tensor) -> torch.Tensor:
-        """Float t as a float64 index into the T steps (t·T/1000 undone when rescaled)."""
-        if self.diffusion.rescale_timesteps:
-            return t.double() * (self.diffusion.num_timesteps / 1000.0)
-        return t.double()
+        """Float t as a float64 index into the T steps (t·1000/T undone when rescaled)."""
+        d = self.diffusion
+        return unscale_timesteps(t, d.num_timesteps, d.rescale_timesteps)
 
     def _indices(self, t: torch.Tensor) -> torch.Tensor:
         """The nearest grid index of each timestep (int64)."""
@@ -168,7 +167,7 @@ class GaussianDataDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         out = self._mean_output(x_t, t)
-        if self.diffusion.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+        if self.diffusion.model_var_type.is_learned():
             out = torch.cat(
                 [out, self._variance_output(x_t, t)], dim=1
             )  # 2 x (B, C, ...) -> (B, 2C, ...)
@@ -177,10 +176,6 @@ class GaussianDataDenoiser(nn.Module):
     def data_nll_bits_per_dim(self, x_start: torch.Tensor) -> torch.Tensor:
         """Exact −log₂ P(x_start) per dimension under the 8-bit discretised data, (B,)."""
         return discretized_gaussian_nll_bits(x_start, self.mean, self.std).flatten(1).mean(dim=1)
-
-    def data_entropy_bits_per_dim(self) -> float:
-        """E[−log₂ P(x_0)] per dimension: the best achievable bits/dim on this data."""
-        return discretized_gaussian_entropy_bits(self.mean, self.std)
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:

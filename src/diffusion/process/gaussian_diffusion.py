@@ -31,7 +31,13 @@ import math
 import numpy as np
 import torch
 
-from diffusion.process._tensor import extract_into_tensor
+from diffusion.process._tensor import (
+    extract_into_tensor,
+    model_device,
+    randn,
+    randn_like,
+    scale_timesteps,
+)
 from diffusion.process.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 
@@ -64,6 +70,10 @@ class ModelVarType(_Choice):
     LEARNED = "learned"  # the network outputs log Σ
     LEARNED_RANGE = "learned_range"  # IDDPM eq. 15, network value v ∈ [-1, 1]
 
+    def is_learned(self) -> bool:
+        """Whether the network outputs Σ_θ (C more channels, after the mean's C)."""
+        return self in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+
 
 class LossType(_Choice):
     MSE = "mse"  # L_simple (+ unscaled vb when the variance is learned)
@@ -80,9 +90,6 @@ class LossWeighting(_Choice):
 
     NONE = "none"  # L_simple as in DDPM / improved-diffusion
     MIN_SNR = "min_snr"  # Min-SNR-γ (Hang et al. 2023, arXiv 2303.09556, sec. 3.4)
-
-
-_LEARNED_VARS = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 
 
 def min_snr_loss_weights(alphas_cumprod, model_mean_type, gamma: float) -> np.ndarray:
@@ -110,21 +117,6 @@ def _positive_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
-
-
-def _randn(shape, generator: torch.Generator | None, dtype=None, device=None) -> torch.Tensor:
-    """Standard normal noise; drawn on the generator's device and moved, so that a CPU
-    generator gives the same numbers whatever device the samples live on."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if generator is None or generator.device == device:
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device).to(
-        device
-    )
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return _randn(x.shape, generator, dtype=x.dtype, device=x.device)
 
 
 def _nonzero_mask(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +154,9 @@ class GaussianDiffusion:
         loss_weighting="none",
         min_snr_gamma: float = 5.0,
     ):
+        # Every argument, read before any other local exists, so that a copy of this process
+        # over other steps (respace.respace) keeps them all, including any added later.
+        init_kwargs = {name: value for name, value in locals().items() if name != "self"}
         self.model_mean_type = ModelMeanType.parse(model_mean_type, "model_mean_type")
         self.model_var_type = ModelVarType.parse(model_var_type, "model_var_type")
         self.loss_type = LossType.parse(loss_type, "loss_type")
@@ -208,6 +203,13 @@ class GaussianDiffusion:
         self._check_zero_terminal_snr()
         self.min_snr_gamma = _positive_float(min_snr_gamma, "min_snr_gamma")
         self.mse_loss_weights = self._mse_loss_weights()
+        self._init_kwargs = {**init_kwargs, "betas": self.betas}  # the validated float64 copy
+
+    @property
+    def init_kwargs(self) -> dict:
+        """The keyword arguments this process was built with (betas as its float64 copy):
+        ``GaussianDiffusion(**d.init_kwargs)`` rebuilds it with every setting."""
+        return dict(self._init_kwargs)
 
     def _check_zero_terminal_snr(self) -> None:
         if self.zero_terminal_snr and self.model_mean_type == ModelMeanType.EPSILON:
@@ -314,9 +316,7 @@ class GaussianDiffusion:
         )
 
     def _scale_timesteps(self, t):
-        if self.rescale_timesteps:
-            return t.float() * (1000.0 / self.num_timesteps)
-        return t
+        return scale_timesteps(t, self.num_timesteps, self.rescale_timesteps)
 
     def model_timesteps(self, t):
         """The timesteps the network receives for process indices ``t`` (for samplers that
@@ -361,11 +361,15 @@ class GaussianDiffusion:
         }[self.model_mean_type]
         return convert(x, t, mean_out)
 
+    def model_output_channels(self, in_channels: int) -> int:
+        """The network's output width for ``in_channels`` data channels: 2C for learned
+        variances (the mean's C channels first, then Σ_θ's; IDDPM sec. 3.1), else C."""
+        return 2 * in_channels if self.model_var_type.is_learned() else in_channels
+
     def _check_output_shape(self, model_output, x):
-        """The model must return C channels, or 2C for learned variances (CONTRACTS.md)."""
+        """The model must return ``model_output_channels(C)`` channels (CONTRACTS.md)."""
         B, C = x.shape[:2]
-        channels = 2 * C if self.model_var_type in _LEARNED_VARS else C
-        want = (B, channels, *x.shape[2:])
+        want = (B, self.model_output_channels(C), *x.shape[2:])
         if tuple(model_output.shape) != want:
             raise ValueError(
                 f"model output has shape {tuple(model_output.shape)}, expected {want} for "
@@ -384,7 +388,7 @@ class GaussianDiffusion:
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
         self._check_output_shape(model_output, x)
         var_values = None
-        if self.model_var_type in _LEARNED_VARS:
+        if self.model_var_type.is_learned():
             # (B, 2C, ...) -> 2 x (B, C, ...): mean part first, variance part second
             model_output, var_values = model_output.split(C, dim=1)
         variance, log_variance = self._model_variance(var_values, x, t)
@@ -413,7 +417,7 @@ class GaussianDiffusion:
         :return: dict with ``sample`` and ``pred_xstart``.
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = _randn_like(x, generator)
+        noise = randn_like(x, generator)
         sample = out["mean"] + _nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
@@ -503,7 +507,7 @@ class GaussianDiffusion:
         eps_coef = torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0))
         sample = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + eps_coef * eps
         if eta != 0:
-            sample = sample + _nonzero_mask(t, x) * sigma * _randn_like(x, generator)
+            sample = sample + _nonzero_mask(t, x) * sigma * randn_like(x, generator)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(
@@ -590,7 +594,7 @@ class GaussianDiffusion:
                 raise ValueError(f"noise shape {tuple(noise.shape)} != shape {tuple(shape)}")
             img = noise.to(device)
         else:
-            img = _randn(shape, generator, device=device)
+            img = randn(shape, generator, device=device)
         indices = range(self.num_timesteps - 1, -1, -1)
         if callable(progress):
             indices = progress(indices)
@@ -658,7 +662,7 @@ class GaussianDiffusion:
         model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
         self._check_output_shape(model_output, x_t)
         terms = {}
-        if self.model_var_type in _LEARNED_VARS:
+        if self.model_var_type.is_learned():
             C = x_t.shape[1]
             # (B, 2C, ...) -> 2 x (B, C, ...): mean part first, variance part second
             model_output, var_values = model_output.split(C, dim=1)
@@ -702,7 +706,7 @@ class GaussianDiffusion:
         vb, xstart_mse, mse = [], [], []
         for i in range(self.num_timesteps - 1, -1, -1):
             t = torch.full((x_start.shape[0],), i, dtype=torch.long, device=x_start.device)
-            noise = _randn_like(x_start, generator)
+            noise = randn_like(x_start, generator)
             x_t = self.q_sample(x_start, t, noise=noise)
             with torch.no_grad():
                 out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
@@ -722,16 +726,11 @@ class GaussianDiffusion:
 
 
 def _infer_device(model, noise, device, generator):
-    """Explicit device, else the noise's, the model's parameters', the generator's, CPU."""
-    if device is not None:
-        return torch.device(device)
-    if noise is not None:
-        return noise.device
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        first = next(iter(params()), None)
-        if first is not None:
-            return first.device
-    if generator is not None:
-        return generator.device
-    return torch.device("cpu")
+    """Explicit device, else the noise's, the model's tensors', the generator's, CPU."""
+    candidates = (
+        device,
+        None if noise is None else noise.device,
+        model_device(model),
+        None if generator is None else generator.device,
+    )
+    return torch.device(next((d for d in candidates if d is not None), "cpu"))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusion.process._tensor import randn
+
 
 def harmonic_proposal(num_timesteps: int) -> np.ndarray:
     """q(t) ∝ 1/t on t = 1..T-1 (float64, shape (T-1,), index 0 is t = 1)."""
@@ -55,7 +57,8 @@ def estimate_bpd(
     zeros = torch.zeros(batch, dtype=torch.long, device=x_start.device)
     terms = {}
     for name, steps in (("decoder_bpd", zeros), ("middle_bpd", t)):
-        noise = torch.randn(x_start.shape, generator=generator).to(x_start)
+        # drawn in the default float type, then cast: float32 and float64 runs see one noise
+        noise = randn(x_start.shape, generator, device=x_start.device).to(x_start.dtype)
         x_t = diffusion.q_sample(x_start, steps, noise=noise)
         terms[name] = diffusion._vb_terms_bpd(
             model, x_start, x_t, steps, clip_denoised=clip_denoised, model_kwargs=model_kwargs

@@ -26,24 +26,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from diffusion.process.respace import SpacedDiffusion
+from diffusion.process._tensor import model_device, model_dtype, randn
+from diffusion.process.respace import SpacedDiffusion, respace
 from diffusion.sampling.guidance import apply_guidance, check_guidance_scale
 
 
 def _infer_device_dtype(model, generator) -> tuple[torch.device, torch.dtype]:
-    """Where and in what float type x_T is made: the model's first floating tensor; for a
-    model without tensors (a closure, an analytic model) the generator's device and the
-    default float type."""
-    tensors = []
-    if isinstance(model, torch.nn.Module):
-        tensors = [*model.parameters(), *model.buffers()]
-    for tensor in tensors:
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    if tensors:
-        return tensors[0].device, torch.get_default_dtype()
-    device = generator.device if generator is not None else torch.device("cpu")
-    return device, torch.get_default_dtype()
+    """Where and in what float type x_T is made: the model's device and float type; for a
+    model without tensors (a closure, an analytic model) the generator's device (else the
+    CPU) and the default float type."""
+    device = model_device(model)
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return device, model_dtype(model) or torch.get_default_dtype()
 
 
 def _check_base_process(diffusion) -> None:
@@ -112,14 +107,7 @@ class Sampler(abc.ABC):
         if len(use_timesteps) == diffusion.num_timesteps:
             process = diffusion
         else:
-            process = SpacedDiffusion(
-                use_timesteps,
-                betas=diffusion.betas,
-                model_mean_type=diffusion.model_mean_type,
-                model_var_type=diffusion.model_var_type,
-                loss_type=diffusion.loss_type,
-                rescale_timesteps=diffusion.rescale_timesteps,
-            )
+            process = respace(diffusion, use_timesteps)
         self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}
         self._cache[id(diffusion)] = (weakref.ref(diffusion), process)
         return process
@@ -176,8 +164,4 @@ class Sampler(abc.ABC):
         if noise is not None:
             return noise
         device, dtype = _infer_device_dtype(model, generator)
-        # Draw where the generator lives (a CPU generator gives the same images on any
-        # device), then move to the model.
-        where = generator.device if generator is not None else device
-        noise = torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype)
-        return noise.to(device)
+        return randn(shape, generator, dtype=dtype, device=device)

@@ -34,7 +34,8 @@ import math
 import numpy as np
 import torch
 
-from diffusion.process.gaussian_diffusion import ModelMeanType, ModelVarType
+from diffusion.process._tensor import timestep_scale
+from diffusion.process.gaussian_diffusion import ModelMeanType
 from diffusion.sampling import steps as _steps
 from diffusion.sampling.base import Sampler, _check_base_process
 
@@ -140,7 +141,6 @@ _SCALINGS = {
     ModelMeanType.START_X: _x0_scalings,
     ModelMeanType.V: _v_scalings,
 }
-_LEARNED_VARS = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 
 
 def check_mean_type(diffusion) -> None:
@@ -167,8 +167,9 @@ class Denoiser:
         check_mean_type(diffusion)
         self.levels = NoiseLevels(diffusion)
         self.scalings = _SCALINGS[diffusion.model_mean_type]
-        self.learned_variance = diffusion.model_var_type in _LEARNED_VARS
-        self.time_scale = 1000.0 / diffusion.num_timesteps if diffusion.rescale_timesteps else 1.0
+        self.learned_variance = diffusion.model_var_type.is_learned()
+        self.output_channels = diffusion.model_output_channels
+        self.time_scale = timestep_scale(diffusion.num_timesteps, diffusion.rescale_timesteps)
         self.model = model
         self.model_kwargs = {} if model_kwargs is None else model_kwargs
         self.clip_denoised = clip_denoised
@@ -183,7 +184,7 @@ class Denoiser:
         """x̂_0 for x̃ = ``x`` (B, C, ...) at noise level ``sigma`` (a float > 0)."""
         c_in = 1.0 / math.sqrt(1.0 + sigma**2)
         out = self.model(x * c_in, self.model_timesteps(sigma, x), **self.model_kwargs)
-        channels = x.shape[1] * (2 if self.learned_variance else 1)
+        channels = self.output_channels(x.shape[1])
         if tuple(out.shape) != (x.shape[0], channels, *x.shape[2:]):
             raise ValueError(
                 f"model output has shape {tuple(out.shape)}, expected "
@@ -194,12 +195,6 @@ class Denoiser:
         c_skip, c_out = self.scalings(sigma)
         denoised = c_skip * x + c_out * out if c_skip else c_out * out
         return denoised.clamp(-1, 1) if self.clip_denoised else denoised
-
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """N(0, I) noise of x's shape, drawn where the generator lives, then moved to x."""
-    where = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=where).to(x.device)
 
 
 def progress_range(n: int, progress):

@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-from diffusion.sampling.sigmas import ContinuousSampler, progress_range, randn_like
+from diffusion.process._tensor import randn_like
+from diffusion.sampling.sigmas import ContinuousSampler, progress_range
 
 
 # ------------------------------------------------------------------- DPM-Solver++(2M)

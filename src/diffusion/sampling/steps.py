@@ -6,7 +6,7 @@ steps from the one asked for: where a rule cannot give exactly N steps it raises
 
 | rule | source | kept indices for N steps out of T |
 |---|---|---|
-| evenly spaced | IDDPM sec. 4 (arXiv 2102.09672) | ``space_timesteps(T, [N])``: N evenly spaced reals in [0, T-1], rounded |
+| evenly spaced | IDDPM sec. 4 (arXiv 2102.09672) | ``space_timesteps(T, [N])``: N evenly spaced reals in [0, T-1], rounded as improved-diffusion does |
 | uniform skip | DDIM App. D.2 (arXiv 2010.02502) | ``range(0, T, k)``, k the smallest stride with exactly N entries |
 | quadratic skip | DDIM App. D.2 | ``floor((i * sqrt(0.8 T) / (N-1))^2)``, i = 0..N-1 |
 | section counts | improved-diffusion ``timestep_respacing`` | ``space_timesteps(T, "a,b,c")`` |
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from diffusion.process.respace import space_timesteps
+from diffusion.process.respace import normalize_section_counts, space_timesteps
 
 
 def check_steps(steps: int, num_timesteps: int | None = None) -> None:
@@ -126,24 +126,8 @@ def section_timesteps(num_timesteps: int, respacing: str) -> list[int]:
 
 
 def normalize_respacing(respacing: str | int | Sequence[int] | None) -> str | None:
-    """A respacing as the canonical string ``"a,b,c"`` (or ``"ddimN"``), from a str, an int
-    or a list of ints (a config override may give ``10`` or ``[10, 15, 20]``)."""
+    """A respacing as the canonical string ``"a,b,c"`` (or ``"ddimN"``), or None for none;
+    the rules are ``process.respace.normalize_section_counts``'s."""
     if respacing is None:
         return None
-    if isinstance(respacing, str):
-        text = respacing.replace(" ", "")
-        if text.startswith("ddim") and text[4:].isdigit():
-            return text
-        parts = text.split(",")
-    elif isinstance(respacing, (int, np.integer)) and not isinstance(respacing, bool):
-        parts = [str(respacing)]
-    elif isinstance(respacing, Sequence) or hasattr(respacing, "__iter__"):
-        parts = [str(p) for p in respacing]
-    else:
-        parts = []
-    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(
-            f"respacing must be section counts like '10,15,20' (positive ints, comma "
-            f"separated) or 'ddimN', got {respacing!r}"
-        )
-    return ",".join(str(int(p)) for p in parts)
+    return normalize_section_counts(respacing, "respacing")
