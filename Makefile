@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Reinstall only when the dependency list changes. The constraints pin the CPU build of
-# torch that pip finds locally and the torchvision built against it.
-$(STAMP): pyproject.toml constraints.txt
+# Reinstall only when the dependency list or the package layout (setup.py) changes. The
+# constraints pin the CPU build of torch that pip finds locally and the torchvision built against it.
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'

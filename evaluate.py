@@ -1,24 +1,10 @@
-"""Evaluate a checkpoint: bits/dim on the test split, or FID / IS of samples.
+"""Evaluate a checkpoint: bits/dim, or FID / IS of samples: python evaluate.py --help.
 
-    python evaluate.py ckpt=outputs/.../checkpoints/last.ckpt metric=nll
-    python evaluate.py ckpt=... metric=fid samples=outputs/samples/.../samples_10000x32x32x3.npz \
-        inception_weights=~/weights/pt_inception-2015-12-05-6726825d.pth
-    python evaluate.py --help
+The entry point lives in the package, diffusion.cli.evaluate (also the console script
+diffusion-evaluate), and finds its configs through it, so this works from any working directory.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from diffusion.jobs.errors import exit_on_user_error
-from diffusion.jobs.evaluate import evaluate
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        evaluate(cfg)
-
+from diffusion.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -1,23 +1,10 @@
-"""Sample from a checkpoint into an npz (uint8 NHWC, guided-diffusion's format) and a grid.
+"""Sample from a checkpoint into an npz and a grid: python sample.py --help.
 
-    python sample.py ckpt=outputs/.../checkpoints/last.ckpt sampler=ddim50 num_samples=64
-    python sample.py ckpt=... sampler=ddpm sampler.steps=250 seed=1 weights=raw
-    python sample.py --help
+The entry point lives in the package, diffusion.cli.sample (also the console script
+diffusion-sample), and finds its configs through it, so this works from any working directory.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from diffusion.jobs.errors import exit_on_user_error
-from diffusion.jobs.sample import sample
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
-def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        sample(cfg)
-
+from diffusion.cli.sample import main
 
 if __name__ == "__main__":
     main()

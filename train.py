@@ -1,27 +1,10 @@
-"""Train a diffusion model. With no arguments: the digits quickstart on the CPU.
+"""Train a diffusion model (no arguments: the digits quickstart on the CPU): python train.py --help.
 
-    python train.py
-    python train.py experiment=cifar_cosine_learned_sigma trainer=gpu
-    python train.py -m experiment=digits_quickstart diffusion/schedule=linear,cosine
-    python train.py --help            # every config group and its choices
+The entry point lives in the package, diffusion.cli.train (also the console script
+diffusion-train), and finds its configs through it, so this works from any working directory.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from diffusion.jobs.errors import exit_on_error
-from diffusion.training.nonfinite import NonFiniteLossError
-from diffusion.training.run import train
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    with exit_on_error((NonFiniteLossError,), 1):  # it names the step, its t values, the checkpoint
-        metrics = train(cfg)
-    # Returned so that Hydra sweepers can optimise it.
-    return metrics.get("test/bpd", metrics.get("val/bpd"))
-
+from diffusion.cli.train import main
 
 if __name__ == "__main__":
     main()

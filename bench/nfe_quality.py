@@ -5,14 +5,15 @@ Every sampler draws the same N samples' starting noise (batch i from the generat
 with (seed, i), as sample.py does) and is scored with the metric evaluate.py reports for
 the digits: fid_digits, the Fréchet distance in the features of a small digits classifier
 (diffusion.evaluation.fid; NOT comparable to Inception FID), against the train split. The
-real test-split digits scored the same way give the floor that N samples can reach.
+real held-out digits, the validation and test parts of the one digits split together (360
+images, diffusion.data.digits), scored the same way give the floor that N samples can reach.
 
     python bench/nfe_quality.py --ckpt outputs/.../checkpoints/last.ckpt
-    python bench/nfe_quality.py --ckpt last.ckpt --num-samples 400 --ddim-nfe 5 10 20 50 \
+    python bench/nfe_quality.py --ckpt last.ckpt --num-samples 400 --ddim-nfe 5 10 20 50 \\
         --heun-schedules karras logsnr
 
-Writes bench/nfe_quality.csv (one row per sampler and NFE, and one for the real digits) and
-docs/nfe_quality.png; ``--plot-only`` redraws the plot from the CSV.
+Writes bench/nfe_quality.csv (one row per sampler and NFE, and one for the real held-out
+digits) and docs/nfe_quality.png; ``--plot-only`` redraws the plot from the CSV.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import matplotlib
 import torch
 
 import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, digits_images
+from diffusion.checkpoint import load_checkpoint
+from diffusion.data.digits import digits_images
+from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator
 from diffusion.evaluation.fid import DEFAULT_CACHE_DIR, to_uint8_nchw
 from diffusion.jobs.common import autocast_network, batch_generator
 from diffusion.sampling import DDIMSampler, DPMSolverPP2MSampler, HeunSampler
-from diffusion.training.checkpoint import load_checkpoint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -45,7 +47,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None, help="a quickstart checkpoint (required)")
     parser.add_argument("--weights", default="ema", help="ema (first rate), raw, or a rate like 0.999")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=1000,
+                        help="samples per sampler; the real floor scores the first N of the 360 "
+                             "held-out digits (val + test)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -142,12 +146,19 @@ def scorer(args, device):
     return score
 
 
+def held_out_digits() -> torch.Tensor:
+    """The real digits no model trained on: the validation and test parts of the one split
+    (uint8, 180 + 180 images)."""
+    return torch.cat([digits_images("val")[0], digits_images("test")[0]])
+
+
 def measure(args, loaded, score, device) -> list[dict]:
-    """One CSV row per sampler of the grid, and one for N real test digits (the floor)."""
+    """One CSV row per sampler of the grid, and one for up to N real held-out digits (the floor)."""
     rows = []
-    test_images = digits_images("test")[0][: args.num_samples]
-    real = score(test_images)
-    for family, sampler in [*sampler_grid(args), (f"real test digits, N = {len(test_images)}", None)]:
+    real_images = held_out_digits()[: args.num_samples]
+    real = score(real_images)
+    floor = f"real held-out digits (val + test), N = {len(real_images)}"
+    for family, sampler in [*sampler_grid(args), (floor, None)]:
         if sampler is None:
             result, seconds, nfe, steps, schedule, name = real, 0.0, 0, "", "", "data"
         else:
@@ -165,7 +176,7 @@ def measure(args, loaded, score, device) -> list[dict]:
             "classifier_score": result["classifier_score"], "seconds": round(seconds, 1),
             "ckpt": str(args.ckpt), "global_step": loaded.global_step,
         })
-        print(f"{family:32s} NFE {nfe:4d}: fid_digits {result['fid_digits']:8.3f}  "
+        print(f"{family:42s} NFE {nfe:4d}: fid_digits {result['fid_digits']:8.3f}  "
               f"classifier score {result['classifier_score']:.3f}  ({seconds:.0f} s)", flush=True)
     return rows
 

@@ -22,7 +22,7 @@ import torch
 
 from diffusion.jobs.common import autocast_network
 from diffusion.sampling import get_sampler
-from diffusion.training.module import build_unet, prepare_network, split_model_config
+from diffusion.checkpoint import build_unet, prepare_network, split_model_config
 
 
 SHAPES = {"digits_quickstart": (8, 1), "cifar_cosine_learned_sigma": (32, 3)}

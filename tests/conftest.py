@@ -52,7 +52,7 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
 @pytest.fixture
 def compose_cfg(tmp_path, monkeypatch):
     """``compose_cfg("train", [...])``: a composed config writing under tmp_path/run."""
-    monkeypatch.chdir(REPO)  # hydra.searchpath's file://conf resolves from the working dir
+    monkeypatch.chdir(tmp_path)  # the configs come with the package: any working directory works
 
     def _compose(config_name: str, overrides: list[str] | None = None, output_dir: Path | None = None):
         return compose_config(config_name, list(overrides or []), output_dir or tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness bench/performance.py on the quickstart preset.
+"""Smoke tests of the benchmark harness bench/performance.py (and its modules) on the quickstart preset.
 
 The figures themselves are measured on a quiet machine (README, `make bench`); these tests
 check that one tiny run produces finite, positive numbers and records nothing it is told not
@@ -28,19 +28,19 @@ TINY_RUN = ["--presets", "digits_quickstart", "--batch", "4", "--warmup", "1", "
 
 @pytest.fixture
 def performance(monkeypatch, tmp_path):
-    """bench/performance.py, with its results file in tmp_path, a device peak from tiny
-    matmuls and convolutions (the plumbing is under test, not the figure), and Lightning's
-    logging left as the other tests expect it."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    """bench/performance.py (bench/ is on pytest's pythonpath), with its results file in
+    tmp_path, a device peak from tiny matmuls and convolutions (the plumbing is under test,
+    not the figure), and Lightning's logging left as the other tests expect it."""
     monkeypatch.chdir(REPO)
+    import device_peak
     import performance
 
     import common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results.md")
-    monkeypatch.setitem(performance.MATMUL_SIZES, "cpu", (64,))
-    monkeypatch.setitem(performance.CONV_SHAPES, "cpu", ((2, 8, 8, 8),))
-    monkeypatch.setitem(performance.TIMING_SECONDS, "cpu", 0.01)
+    monkeypatch.setitem(device_peak.MATMUL_SIZES, "cpu", (64,))
+    monkeypatch.setitem(device_peak.CONV_SHAPES, "cpu", ((2, 8, 8, 8),))
+    monkeypatch.setitem(device_peak.TIMING_SECONDS, "cpu", 0.01)
     monkeypatch.setattr(performance, "quiet", lambda: None)  # keeps the global logging levels
     yield performance
     GlobalHydra.instance().clear()
@@ -68,7 +68,9 @@ def test_tiny_run_reports_finite_figures_and_records_only_when_asked(performance
     # Checkpointing keeps only block inputs: far fewer bytes saved for backward.
     assert ablation.variant.saved_bytes < ablation.baseline.saved_bytes
 
-    performance.record_rows(report)  # into tmp_path (the fixture), never bench/results.md
+    from performance_report import record_rows
+
+    record_rows(report)  # into tmp_path (the fixture), never bench/results.md
     text = (tmp_path / "results.md").read_text()
     for table in ("Training performance (MFU harness)", "Ablations", "Sampling throughput", "Data loading"):
         assert f"## {table}" in text
@@ -78,12 +80,15 @@ def test_tiny_run_reports_finite_figures_and_records_only_when_asked(performance
 
 def test_flop_count_is_linear_in_the_batch_and_exceeds_two_flops_per_parameter(performance, tmp_path):
     import hydra
+    from step_costs import flops_per_image
 
     from diffusion.training.run import build_module
 
-    cfg = performance.compose_preset("digits_quickstart", [], str(tmp_path / "run"))
+    from common import compose_preset
+
+    cfg = compose_preset("digits_quickstart", [], str(tmp_path / "run"))
     module = build_module(cfg, hydra.utils.instantiate(cfg.data))
-    per_image = [performance.flops_per_image(module, batch) for batch in (1, 2, 5)]
+    per_image = [flops_per_image(module, batch) for batch in (1, 2, 5)]
     assert per_image[0] == per_image[1] == per_image[2]  # total FLOPs exactly linear in the batch
     params = sum(p.numel() for p in module.model.parameters())
     # A forward alone costs 2 FLOPs per weight per use, and every weight is used at least once.

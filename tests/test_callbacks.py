@@ -16,11 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
-from diffusion.process.respace import SpacedDiffusion, space_timesteps
+from diffusion.process.respace import SpacedDiffusion
 from diffusion.process.schedules import get_named_beta_schedule
+from diffusion.sampling import get_sampler
 from diffusion.training import callbacks
-from diffusion.training.callbacks import SampleGrid, make_image_grid, save_image_grid
+from diffusion.training.callbacks import SampleGrid
 from diffusion.training.ema import EMA
+from diffusion.utils import images as images_module
+from diffusion.utils.images import make_image_grid, save_image_grid
 
 from conftest import quiet_trainer
 
@@ -154,7 +157,7 @@ def test_grid_uses_the_ema_weights_and_restores_the_raw_ones(tmp_path):
     raw_grid = make_image_grid(grid_cb.sample(module))  # no EMA passed: raw weights
     # Independently: DDIM on the averaged network itself, from the same fixed noise.
     spaced = SpacedDiffusion(
-        space_timesteps(20, [4]),
+        range(0, 20, 5),  # DDIM's uniform skip: 4 steps of T = 20, as sampler=ddim4 takes them
         betas=module.diffusion.betas,
         model_mean_type="epsilon",
         model_var_type="fixed_large",
@@ -168,6 +171,24 @@ def test_grid_uses_the_ema_weights_and_restores_the_raw_ones(tmp_path):
         grid_cb.last_grid, raw_grid, atol=1e-3
     )  # the test can tell them apart
     assert not torch.equal(module.model.conv.weight, averaged.conv.weight)  # raw weights are back
+
+
+def test_grid_visits_the_steps_of_sample_py_ddim_sampler():
+    """The grid of ddim_steps=20 on T = 1000 is sample.py's sampler=ddim20: t = 950, 900, ..., 0
+    (not 20 evenly spaced reals rounded, 999, 946, ..., 0), and the same images from the same x_T."""
+    module = TinyDiffusionModule()
+    module.diffusion = GaussianDiffusion(betas=get_named_beta_schedule("linear", 1000),
+                                         model_mean_type="epsilon", model_var_type="fixed_large",
+                                         loss_type="mse")
+    seen = []
+    hook = module.model.register_forward_pre_hook(lambda net, args: seen.append(args[1][0].item()))
+    grid_cb = SampleGrid(num_samples=2, ddim_steps=20, seed=5)
+    images = grid_cb.sample(module)
+    hook.remove()
+    assert seen == list(range(950, -1, -50))
+    noise = grid_cb.fixed_noise(SHAPE, "cpu")
+    expected = get_sampler("ddim20")(module.diffusion, module.model.eval(), noise=noise)
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
 
 
 def test_class_conditional_labels_cycle_over_the_classes():
@@ -256,7 +277,7 @@ def test_bad_arguments_are_rejected(kwargs, message):
 
 
 def test_more_ddim_steps_than_the_process_has_is_an_error():
-    with pytest.raises(ValueError, match=r"ddim_steps=21 exceeds.*T=20.*1\.\.20"):
+    with pytest.raises(ValueError, match=r"ddim_steps=21 does not fit.*T=20.*1\.\.20"):
         SampleGrid(num_samples=1, ddim_steps=21).sample(TinyDiffusionModule())
 
 
@@ -284,11 +305,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     before = target.read_bytes()
 
     def broken_save(tensor, fp, format=None):
-        with open(fp, "wb") as f:
-            f.write(b"half a PNG")
+        fp.write(b"half a PNG")  # the open temporary file
         raise OSError("disk full")
 
-    monkeypatch.setattr(callbacks, "save_image", broken_save)
+    monkeypatch.setattr(images_module, "save_image", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_image_grid(torch.ones(4, 1, 4, 4), target)
     assert target.read_bytes() == before
@@ -329,3 +349,22 @@ def test_progress_bar_reads_the_metrics_every_n_steps_only(tmp_path, monkeypatch
     assert "train/loss" in bar.get_metrics(trainer, None)
     with pytest.raises(ValueError, match="metrics_every_n_steps=0"):
         callbacks.ProgressBar(metrics_every_n_steps=0)
+
+
+def test_progress_bar_counts_steps_on_a_run_bounded_by_steps(tmp_path):
+    """Rich's bar read 'Epoch 2/-2' with max_epochs=-1; ours counts steps against max_steps."""
+    shown = []
+
+    class Recording(callbacks.ProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            task = self.progress.tasks[self.train_progress_bar_id]
+            shown.append((task.description, task.completed, task.total))
+
+    data = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=2)  # 4 per epoch
+    trainer = quiet_trainer(tmp_path, [Recording()], max_steps=10, max_epochs=-1, enable_progress_bar=True)
+    trainer.fit(_Regression(), train_dataloaders=data)
+    assert [completed for _, completed, _ in shown] == list(range(1, 11))
+    assert {total for _, _, total in shown} == {10}
+    assert all("-2" not in description for description, _, _ in shown), shown
+    assert shown[-1][0].startswith("Epoch 2")

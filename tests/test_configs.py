@@ -7,33 +7,33 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 
+from diffusion.checkpoint import split_model_config
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
-from diffusion.training.module import split_model_config
 
 from conftest import EXPERIMENTS, REPO, TINY_UNET
 
 EXPECTED = {
     "digits_quickstart": dict(
-        steps=1000, var="learned_range", loss="rescaled_mse", data="DigitsDataModule"
+        steps=1000, var="learned_range", loss="rescaled_mse", data="DigitsData"
     ),
     "cifar_cosine_learned_sigma": dict(
-        steps=4000, var="learned_range", loss="rescaled_mse", data="Cifar10DataModule"
+        steps=4000, var="learned_range", loss="rescaled_mse", data="Cifar10Data"
     ),
-    "cifar_linear_ddpm": dict(steps=1000, var="fixed_large", loss="mse", data="Cifar10DataModule"),
+    "cifar_linear_ddpm": dict(steps=1000, var="fixed_large", loss="mse", data="Cifar10Data"),
     "cifar_cosine_vlb": dict(
-        steps=4000, var="learned_range", loss="rescaled_kl", data="Cifar10DataModule"
+        steps=4000, var="learned_range", loss="rescaled_kl", data="Cifar10Data"
     ),
     "imagenet64_cosine_hybrid": dict(
-        steps=4000, var="learned_range", loss="rescaled_mse", data="ImageNet64DataModule"
+        steps=4000, var="learned_range", loss="rescaled_mse", data="ImageNet64Data"
     ),
     "celeba64_cosine_hybrid": dict(
-        steps=4000, var="learned_range", loss="rescaled_mse", data="CelebADataModule"
+        steps=4000, var="learned_range", loss="rescaled_mse", data="CelebAData"
     ),
     "cifar_cosine_v_minsnr": dict(
-        steps=1000, var="fixed_large", loss="mse", data="Cifar10DataModule"
+        steps=1000, var="fixed_large", loss="mse", data="Cifar10Data"
     ),
     "cifar_cond_cfg": dict(
-        steps=4000, var="learned_range", loss="rescaled_mse", data="Cifar10DataModule"
+        steps=4000, var="learned_range", loss="rescaled_mse", data="Cifar10Data"
     ),
 }
 
@@ -77,7 +77,7 @@ def test_vlb_preset_uses_loss_aware_sampling(compose_cfg):
 def test_default_is_the_quickstart(compose_cfg):
     cfg = compose_cfg("train", [])
     assert cfg.experiment_name == "digits_quickstart"
-    assert cfg.data._target_.endswith("DigitsDataModule")
+    assert cfg.data._target_.endswith("DigitsData")
 
 
 def test_schedule_group_override(compose_cfg):

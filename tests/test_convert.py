@@ -365,7 +365,10 @@ def test_cli_round_trip(tmp_path):
     assert ckpt["state_dict"].keys() == {f"model.{k}" for k in sd}
     for key, value in sd.items():
         assert torch.equal(ckpt["state_dict"][f"model.{key}"], value), key
-    config = ckpt["hyper_parameters"]["config"]
+    hparams = ckpt["hyper_parameters"]  # the layout train.py writes (diffusion.checkpoint)
+    assert {k: hparams[k] for k in ("image_size", "in_channels", "num_classes", "label_dropout")} == {
+        "image_size": 16, "in_channels": 3, "num_classes": 1000, "label_dropout": 0.0}
+    config = hparams["run_config"]
     json.dumps(config)  # plain values only
     assert config["data"] == {"image_size": 16, "channels": 3, "num_classes": 1000}
     assert config["diffusion"] == {

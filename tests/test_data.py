@@ -17,10 +17,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from diffusion.training import data as D
-from diffusion.training import datasets as ds
+from diffusion.data import datasets as ds
+from diffusion.data import image_data as D
 
-from fixtures import save_image, write_celeba, write_cifar10, write_imagenet64
+from dataset_files import write_celeba, write_cifar10, write_imagenet64
+from fixtures import save_image
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 LOADER_KW = dict(num_workers=0, pin_memory=False)
@@ -65,7 +66,7 @@ def flip_outcomes(dataset, index, draws=24):
 
 # ----------------------------------------------------------------------------- digits
 def test_digits_values_labels_and_split_sizes():
-    dm = D.DigitsDataModule(batch_size=64)
+    dm = D.DigitsData(batch_size=64)
     dm.setup("fit")
     assert (dm.image_size, dm.channels, dm.num_classes) == (8, 1, 10)
     assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [1437, 180, 180]
@@ -85,14 +86,28 @@ def test_digits_values_labels_and_split_sizes():
     assert torch.bincount(test_labels, minlength=10).min() >= 15
 
 
+def test_the_digits_fid_uses_the_training_split_of_the_quickstart():
+    """One split: the FID classifier's training part and reference images are exactly the
+    quickstart's training images, and its test part the quickstart's test images."""
+    from diffusion.data.digits import digits_images
+
+    dm = D.DigitsData()  # the quickstart's data config
+    dm.setup()
+    for split, part in (("train", dm.train_set), ("val", dm.val_set), ("test", dm.test_set)):
+        images, labels = digits_images(split)
+        as_uint8 = ((part.tensors[0] + 1) * 127.5).round().to(torch.uint8)
+        assert torch.equal(images, as_uint8), split
+        assert torch.equal(labels, part.tensors[1]), split
+
+
 def test_digits_split_is_fixed_and_independent_of_global_rng():
     torch.manual_seed(1)
     np.random.seed(1)
-    a = D.DigitsDataModule(split_seed=3)
+    a = D.DigitsData(split_seed=3)
     a.setup()
     torch.manual_seed(2)
     np.random.seed(2)
-    b, c = D.DigitsDataModule(split_seed=3), D.DigitsDataModule(split_seed=4)
+    b, c = D.DigitsData(split_seed=3), D.DigitsData(split_seed=4)
     b.setup()
     c.setup()
     assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
@@ -101,7 +116,7 @@ def test_digits_split_is_fixed_and_independent_of_global_rng():
 
 
 def test_digits_loaders_shuffle_and_drop_last_only_for_train():
-    dm = D.DigitsDataModule(batch_size=100)
+    dm = D.DigitsData(batch_size=100)
     dm.setup()
     assert len(dm.train_dataloader()) == 1437 // 100
     assert len(dm.val_dataloader()) == 2  # 180 images: the last, partial batch is kept
@@ -118,13 +133,13 @@ def test_digits_loaders_shuffle_and_drop_last_only_for_train():
 
 
 def test_digits_upscaled_and_loader_options():
-    dm = D.DigitsDataModule(image_size=16, batch_size=32)
+    dm = D.DigitsData(image_size=16, batch_size=32)
     dm.setup()
     images, labels = next(iter(dm.test_dataloader()))
     assert_batch(images, labels, (32, 1, 16, 16), 10)
     grid = (images + 1) * 127.5  # still 8-bit values
     torch.testing.assert_close(grid, grid.round(), atol=1e-4, rtol=0)
-    workers = D.DigitsDataModule(num_workers=2, pin_memory=True, persistent_workers=True)
+    workers = D.DigitsData(num_workers=2, pin_memory=True, persistent_workers=True)
     workers.setup()
     loader = workers.train_dataloader()  # not iterated: no worker starts
     assert loader.persistent_workers and loader.pin_memory and loader.num_workers == 2
@@ -142,12 +157,12 @@ def test_digits_upscaled_and_loader_options():
 )
 def test_digits_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=str(next(iter(kwargs.values())))):
-        D.DigitsDataModule(**kwargs)
+        D.DigitsData(**kwargs)
 
 
 def test_setup_rejects_batch_larger_than_train_split():
     with pytest.raises(ValueError, match="fewer than batch_size=5000"):
-        D.DigitsDataModule(batch_size=5000).setup()
+        D.DigitsData(batch_size=5000).setup()
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -158,7 +173,7 @@ def cifar_root(tmp_path):
 
 
 def cifar(root, **kwargs):
-    return D.Cifar10DataModule(
+    return D.Cifar10Data(
         str(root), **{"val_size": 10, "batch_size": 8, **LOADER_KW, **kwargs}
     )
 
@@ -242,7 +257,7 @@ def test_cifar10_unreadable_batch_is_reported(cifar_root):
 # ----------------------------------------------------------------------------- CelebA
 def test_celeba_crop_resize_splits_and_no_labels(tmp_path):
     write_celeba(tmp_path / "celeba")
-    dm = D.CelebADataModule(str(tmp_path), batch_size=4, **LOADER_KW)
+    dm = D.CelebAData(str(tmp_path), batch_size=4, **LOADER_KW)
     dm.setup()
     assert (dm.image_size, dm.channels, dm.num_classes) == (64, 3, None)
     assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [8, 2, 2]
@@ -252,7 +267,7 @@ def test_celeba_crop_resize_splits_and_no_labels(tmp_path):
     # bring black borders in, an off-center one a black band on one side.
     assert images.min() > 0.8 and images.mean() > 0.98
     assert_batch(*next(iter(dm.train_dataloader())), (4, 3, 64, 64), None)
-    direct = D.CelebADataModule(str(tmp_path / "celeba"), image_size=32, batch_size=4, **LOADER_KW)
+    direct = D.CelebAData(str(tmp_path / "celeba"), image_size=32, batch_size=4, **LOADER_KW)
     direct.setup()  # root may also be the celeba folder itself
     assert direct.test_set[0][0].shape == (3, 32, 32)
 
@@ -267,29 +282,29 @@ def test_celeba_flips_only_training_images(tmp_path):
         "000001.jpg 0\n"
         + "".join(f"{k:06d}.jpg {k % 2 + 1 if k < 5 else 0}\n" for k in range(2, 13))
     )
-    dm = D.CelebADataModule(str(tmp_path), batch_size=2, **LOADER_KW)
+    dm = D.CelebAData(str(tmp_path), batch_size=2, **LOADER_KW)
     dm.setup()
     same, mirrored = flip_outcomes(dm.train_set, 0)
     assert same > 0 and mirrored > 0
     assert flip_outcomes(dm.val_set, 0) == (24, 0)
-    left_white = D.CelebADataModule(str(tmp_path), batch_size=2, random_flip=False, **LOADER_KW)
+    left_white = D.CelebAData(str(tmp_path), batch_size=2, random_flip=False, **LOADER_KW)
     left_white.setup()
     assert flip_outcomes(left_white.train_set, 0) == (24, 0)
 
 
 def test_celeba_missing_files_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="list_eval_partition.txt") as info:
-        D.CelebADataModule(str(tmp_path / "absent"), **LOADER_KW).setup()
+        D.CelebAData(str(tmp_path / "absent"), **LOADER_KW).setup()
     assert str(tmp_path / "absent") in str(info.value)
     write_celeba(tmp_path / "celeba")
     (tmp_path / "celeba" / "img_align_celeba" / "000011.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="000011.jpg"):
-        D.CelebADataModule(str(tmp_path), batch_size=2, **LOADER_KW).setup()
+        D.CelebAData(str(tmp_path), batch_size=2, **LOADER_KW).setup()
 
 
 # ----------------------------------------------------------------------------- ImageNet 64x64
 def imagenet(root, **kwargs):
-    return D.ImageNet64DataModule(
+    return D.ImageNet64Data(
         str(root), **{"val_size": 10, "batch_size": 4, **LOADER_KW, **kwargs}
     )
 
@@ -401,7 +416,7 @@ def class_tree(tmp_path):
 
 
 def folder(root, **kwargs):
-    return D.ImageFolderDataModule(
+    return D.ImageFolderData(
         str(root),
         **{
             "image_size": 16,
@@ -515,4 +530,4 @@ def test_config_keys_are_the_constructor_arguments(name):
     parameters = set(inspect.signature(cls).parameters)
     assert set(cfg) - {"_target_"} == parameters
     dm = instantiate(cfg)  # constructors touch no files
-    assert isinstance(dm, D.ImageDataModule) and dm.batch_size == 128
+    assert isinstance(dm, D.ImageData) and dm.batch_size == 128

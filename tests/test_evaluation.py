@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from diffusion import GaussianDiffusion, SpacedDiffusion, get_named_beta_schedule, space_timesteps
+from diffusion.data.digits import digits_images
 from diffusion.evaluation.bpd import evaluate_bpd
 from diffusion.evaluation.fid import (
     INCEPTION_WEIGHTS_URL,
     DigitsFeatureExtractor,
     FeatureExtractor,
     FIDEvaluator,
-    digits_images,
     to_uint8_nchw,
 )
 from diffusion.process.analytic import GaussianDataDenoiser, sample_discretized_gaussian
@@ -338,8 +338,8 @@ def test_fid_digits_separates_digits_from_noise(digits_extractor):
 
 
 def test_digits_splits():
-    train, test = digits_images("train"), digits_images("test")
-    assert train[0].shape == (1438, 1, 8, 8) and test[0].shape == (359, 1, 8, 8)
+    train, val, test = digits_images("train"), digits_images("val"), digits_images("test")
+    assert train[0].shape == (1437, 1, 8, 8) and val[0].shape == test[0].shape == (180, 1, 8, 8)
     assert train[0].dtype == torch.uint8 and int(train[0].max()) == 255
-    with pytest.raises(ValueError, match="unknown digits split 'val'; valid: train, test, all"):
-        digits_images("val")
+    with pytest.raises(ValueError, match="unknown digits split 'bogus'; valid: train, val, test, all"):
+        digits_images("bogus")

@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion import GaussianDiffusion, get_named_beta_schedule
+from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
 from diffusion.jobs import sample as sample_job
 from diffusion.nets.unet import UNet
 from diffusion.process.analytic import GaussianDataDenoiser
 from diffusion.sampling import SAMPLERS, DDIMSampler, DDPMSampler, get_sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY, ClassifierFreeGuidance, apply_guidance
-from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
 from diffusion.training.module import DiffusionModule
 from diffusion.training.run import build_module
 

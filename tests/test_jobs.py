@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 from diffusion import GaussianDiffusion, get_named_beta_schedule
+from diffusion.checkpoint import CheckpointError, LoadedCheckpoint
+from diffusion.jobs import evaluate as evaluate_job
 from diffusion.jobs import sample as sample_job
 from diffusion.jobs.evaluate import evaluate
 from diffusion.jobs.sample import sample
 from diffusion.process.analytic import GaussianDataDenoiser
-from diffusion.training.checkpoint import CheckpointError, LoadedCheckpoint
 from diffusion.training.run import train
 
 from conftest import REPO, compose_config
@@ -103,13 +104,54 @@ def test_evaluate_nll_writes_json(compose_cfg, tiny_ckpt, tmp_path):
     assert saved["bpd"] == pytest.approx(saved["prior_bpd"] + sum(saved["vb_terms_bpd"]), rel=1e-5)
 
 
-def test_evaluate_fid_on_digits(compose_cfg, tiny_ckpt, tmp_path):
+def test_evaluate_nll_hands_its_device_to_the_bpd_loop(compose_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """The job's model is an autocast closure, from which no device can be read: the job must
+    say where the batches go, or a CUDA network would get CPU images (a CPU-only check of
+    what test_evaluate_nll_on_cuda runs for real)."""
+    seen = {}
+    real = evaluate_job.evaluate_bpd
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_job, "evaluate_bpd", spy)
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", "metric=nll", "max_batches=1", "batch_size=4",
+                                   "progress=false", "device=cpu"], output_dir=tmp_path / "eval")
+    evaluate(cfg)
+    assert seen["device"] == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_nll_on_cuda(compose_cfg, tiny_ckpt, tmp_path):
+    args = [f"ckpt={tiny_ckpt}", "metric=nll", "max_batches=1", "batch_size=8", "progress=false"]
+    on_cpu = evaluate(compose_cfg("evaluate", [*args, "device=cpu"], output_dir=tmp_path / "cpu"))
+    on_cuda = evaluate(compose_cfg("evaluate", [*args, "device=cuda"], output_dir=tmp_path / "cuda"))
+    assert on_cuda["num_images"] == 8
+    # The job's generator lives on its device, so the noise differs: the same bound, to the
+    # Monte-Carlo error of 8 images.
+    assert on_cuda["bpd"] == pytest.approx(on_cpu["bpd"], rel=0.05)
+
+
+def test_evaluate_fid_on_digits(compose_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """metric=fid draws its samples with the sample job, and the process loads the checkpoint
+    and builds the sampler once (they were loaded three and built twice)."""
+    loads, samplers = [], []
+    real_load, real_instantiate = sample_job.load_checkpoint, sample_job.hydra.utils.instantiate
+    for module in (sample_job, evaluate_job):
+        monkeypatch.setattr(module, "load_checkpoint", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(sample_job.hydra.utils, "instantiate",
+                        lambda node, *a, **k: samplers.append(node) or real_instantiate(node, *a, **k))
     cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", "metric=fid", "sampler=ddim10", "num_samples=20",
                                    "batch_size=20", "progress=false", f"cache_dir={tmp_path / 'cache'}"],
                       output_dir=tmp_path / "eval")
     results = evaluate(cfg)
     assert results["fid_digits"] > 0 and results["num_samples"] == 20
     assert results["classifier_test_accuracy"] > 0.9
+    assert len(loads) == 1
+    built = [node["_target_"] for node in samplers if "sampling" in str(node.get("_target_", ""))]
+    assert built == ["diffusion.sampling.DDIMSampler"]
 
 
 # ------------------------------------------------------------- the analytic denoiser
@@ -175,8 +217,8 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
 def test_sample_from_a_converted_improved_diffusion_checkpoint(compose_cfg, tmp_path):
     """python -m diffusion.convert's output feeds sample.py directly (class-conditional,
     learned sigmas): the converted weights are used as they are."""
-    from diffusion.nets.convert import main as convert_main
-    from diffusion.training.checkpoint import load_checkpoint
+    from diffusion.checkpoint import load_checkpoint
+    from diffusion.convert import main as convert_main
 
     from test_convert import CLI_ARGS, tiny_iddpm_state_dict
 

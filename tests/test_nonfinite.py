@@ -6,6 +6,7 @@ import hydra
 import pytest
 import torch
 
+from diffusion.data.module import DataModule
 from diffusion.training.ema import EMA
 from diffusion.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from diffusion.training.run import build_module
@@ -101,8 +102,9 @@ class Probe(EMA):
 
 def _fit(compose_cfg, tmp_path, overrides, inject, max_steps=6, **trainer_kwargs):
     cfg = compose_cfg("train", [*TINY_RUN, *overrides])
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    data = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg, data)
+    datamodule = DataModule(data)
     probe = Probe(inject)
     trainer = quiet_trainer(tmp_path, [probe, *trainer_kwargs.pop("callbacks", [])], max_steps,
                             gradient_clip_val=1.0, **trainer_kwargs)

@@ -1,5 +1,5 @@
 """Every experiment preset trains end to end: `fast_dev_run` with a tiny UNet, on data files
-written in the dataset's real on-disk format (tests/fixtures.py), through the same
+written in the dataset's real on-disk format (bench/dataset_files.py), through the same
 `diffusion.training.run.train` that train.py calls."""
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ import diffusion  # noqa: F401  (first: makes torchvision importable on CPU-only
 from diffusion.training import run
 
 from conftest import EXPERIMENTS, REPO, TINY_UNET
-from fixtures import write_celeba, write_cifar10, write_image_folder, write_imagenet64
+from dataset_files import write_celeba, write_cifar10, write_image_folder, write_imagenet64
 
 # DataModule class -> writer of a tiny copy of its data under the folder given as data.root
 # (second argument: the image size the preset asks for). Digits ship with scikit-learn.
 WRITERS: dict[str, Callable[[Path, int], object]] = {
     # 16 images per batch file: 80 training images, 16 test images.
-    "Cifar10DataModule": lambda root, size: write_cifar10(root, n=16),
+    "Cifar10Data": lambda root, size: write_cifar10(root, n=16),
     # data.root holds celeba/ (torchvision's layout): 8 train, 2 valid, 2 test images.
-    "CelebADataModule": lambda root, size: write_celeba(root / "celeba"),
+    "CelebAData": lambda root, size: write_celeba(root / "celeba"),
     # 2 images in each of the 10 train batches, 4 in val_data.npz.
-    "ImageNet64DataModule": lambda root, size: write_imagenet64(root, n_train=2, n_val=4),
-    "ImageFolderDataModule": lambda root, size: write_image_folder(root, size),
+    "ImageNet64Data": lambda root, size: write_imagenet64(root, n_train=2, n_val=4),
+    "ImageFolderData": lambda root, size: write_image_folder(root, size),
 }
-IN_MEMORY = {"DigitsDataModule"}
+IN_MEMORY = {"DigitsData"}
 
 BATCH_SIZE = 4
 # The test after fitting (calc_bpd_loop) makes T network calls per test batch, so it is far
@@ -168,7 +168,7 @@ def test_preset_fast_dev_run(compose_cfg, tmp_path, monkeypatch, experiment):
         if name not in WRITERS:
             pytest.fail(
                 f"preset {experiment!r} trains on {preset.data._target_}, which has no fixture "
-                f"writer: add one to tests/fixtures.py and to WRITERS in tests/test_presets.py"
+                f"writer: add one to bench/dataset_files.py and to WRITERS in tests/test_presets.py"
             )
         WRITERS[name](root, size)
     cfg = compose_cfg("train", [f"experiment={experiment}", *preset_overrides(preset, root)])

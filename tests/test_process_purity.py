@@ -1,4 +1,4 @@
-"""The process layer is pure math: torch + numpy, no Lightning, Hydra or OmegaConf (DESIGN.md)."""
+"""The process layer is pure math: torch + numpy, no Lightning, Hydra or OmegaConf (README, "Architecture")."""
 
 import ast
 import pathlib

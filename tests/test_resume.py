@@ -8,7 +8,7 @@ import csv
 import pytest
 import torch
 
-from diffusion.training.resume import EpochPermutation, ResumableDataLoader
+from diffusion.data.loader import EpochPermutation, ResumableDataLoader
 from diffusion.training.run import train
 
 from test_train import TINY_RUN

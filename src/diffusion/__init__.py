@@ -1,7 +1,7 @@
 """Gaussian diffusion models of images: DDPM, Improved DDPM and DDIM.
 
 The public API of the process layer keeps the improved-diffusion vocabulary; see
-DESIGN.md. Names are imported on first use, so ``import diffusion`` stays cheap.
+the README's "Architecture" section. Names are imported on first use, so ``import diffusion`` stays cheap.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ _EXPORTS = {
     "UniformSampler": "diffusion.process.resample",
     "LossSecondMomentResampler": "diffusion.process.resample",
     "UNet": "diffusion.nets.unet",
+    # The Bayes-optimal model of Gaussian data: a reference model for studying samplers.
+    "GaussianDataDenoiser": "diffusion.process.analytic",
 }
 
 __all__ = sorted(_EXPORTS)

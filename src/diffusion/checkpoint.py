@@ -1,10 +1,23 @@
-"""Load a trained (or converted) checkpoint for sampling and evaluation.
+"""The checkpoint: its one layout, its atomic write, and the network and process it rebuilds.
 
-A checkpoint written by train.py is a Lightning checkpoint whose ``hyper_parameters``
-hold the fully composed run config (``config``) and the data's shape; its ``ema`` entry
-holds the EMA weights of every rate under plain UNet keys. `python -m diffusion.convert`
-writes the same layout from an improved-diffusion ``.pt`` file. Nothing else is needed to
-rebuild the network and the process.
+train.py (through Lightning) and `python -m diffusion.convert` write the same layout::
+
+    {
+      "state_dict": {"model." + key: tensor, ...},     # the UNet's weights (DiffusionModule.model)
+      "ema": {"0.9999": {key: tensor, ...}, ...},        # EMA weights per rate (train.py only)
+      "hyper_parameters": {
+        "run_config": {"model": {...}, "diffusion": {...}, "data": {...}, ...},  # plain values
+        "image_size": int, "in_channels": int, "num_classes": int | None,
+        "label_dropout": float,                          # > 0: the UNet has a null class
+      },
+      "global_step": int, ...                            # Lightning's own entries
+    }
+
+The run config's ``model`` and ``diffusion`` entries are Hydra ``_target_`` configs, so the
+network and the process are rebuilt from the checkpoint alone. This module also decides
+how a UNet is finished from a process and the data's shape (`build_unet`), which training
+calls too, so that the two can never build different networks. It imports neither Lightning
+nor anything from training.
 """
 
 from __future__ import annotations
@@ -12,6 +25,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +34,92 @@ import torch
 from torch import nn
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
-from diffusion.training.module import build_unet, split_model_config
+from diffusion.utils.atomic import atomic_write
+
+MODEL_PREFIX = "model."  # the UNet's keys in "state_dict": DiffusionModule.model
+# Keys of the model config that say how to run the UNet rather than what it is.
+RUNTIME_KEYS = ("channels_last", "compile")
+# Targets that moved since a checkpoint was written, so that older checkpoints still load.
+MOVED_TARGETS = {
+    f"diffusion.training.data.{name}DataModule": f"diffusion.data.{name}Data"
+    for name in ("Digits", "Cifar10", "CelebA", "ImageNet64", "ImageFolder")
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or cannot serve the request."""
 
 
+# ------------------------------------------------------------------------------ the network
+def split_model_config(config: Any) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(the UNet's config, the run-time options ``channels_last`` and ``compile``)."""
+    unet = {key: config[key] for key in config if key not in RUNTIME_KEYS}
+    runtime = {key: bool(config[key]) for key in RUNTIME_KEYS if config.get(key) is not None}
+    return unet, runtime
+
+
+def build_unet(
+    model: Callable[..., nn.Module],
+    diffusion: GaussianDiffusion,
+    *,
+    image_size: int,
+    in_channels: int,
+    num_classes: int | None,
+    label_dropout: float = 0.0,
+) -> nn.Module:
+    """Finish the partially configured UNet with what the data and the process decide.
+
+    The output width is the process's (2C for learned variances, mean part first), and the
+    null class of classifier-free guidance follows ``label_dropout > 0``, so that no two
+    config keys can disagree about either.
+    """
+    return model(
+        image_size=image_size,
+        in_channels=in_channels,
+        out_channels=diffusion.model_output_channels(in_channels),
+        num_classes=num_classes,
+        null_class=label_dropout > 0,
+    )
+
+
+def prepare_network(net: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Apply the run-time options in place: NHWC weights, and ``nn.Module.compile`` (which
+    keeps the state-dict keys). Inputs must be NHWC too for channels_last to pay."""
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if compile:
+        net.compile()
+    return net
+
+
+# ------------------------------------------------------------------------------ writing
+def checkpoint_dict(unet_state: dict[str, torch.Tensor], run_config: dict[str, Any], *,
+                    image_size: int, in_channels: int, num_classes: int | None,
+                    **extra: Any) -> dict[str, Any]:
+    """A checkpoint in the layout above from a bare UNet state dict (a converted model)."""
+    return {
+        "state_dict": {MODEL_PREFIX + key: value for key, value in unet_state.items()},
+        "hyper_parameters": {"run_config": run_config, "image_size": image_size,
+                             "in_channels": in_channels, "num_classes": num_classes,
+                             "label_dropout": 0.0},
+        **extra,
+    }
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (`diffusion.utils.atomic`): a crash or a full
+    disk leaves the previous file intact. Raises OSError naming the file on failure."""
+    path = os.fspath(path)
+    try:
+        with atomic_write(path) as handle:
+            torch.save(checkpoint, handle)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        previous = "the previous file is intact" if os.path.exists(path) else "no file was left"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OSError(f"writing checkpoint {path} failed ({reason}); {previous}") from err
+
+
+# ------------------------------------------------------------------------------ reading
 @dataclass
 class LoadedCheckpoint:
     model: nn.Module
@@ -53,8 +146,7 @@ def select_weights(checkpoint: dict[str, Any], weights: str, path: str) -> tuple
     """The UNet state dict for ``weights``: "ema" (the first rate), "raw", or a rate like "0.999"."""
     ema = checkpoint.get("ema") or {}
     if weights == "raw" or (weights == "ema" and not ema):
-        prefix = "model."
-        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        state = {k[len(MODEL_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
         return state, "raw"
     key = next(iter(ema)) if weights == "ema" else str(weights)
     if key not in ema:
@@ -64,27 +156,43 @@ def select_weights(checkpoint: dict[str, Any], weights: str, path: str) -> tuple
     return ema[key], f"ema_{key}"
 
 
-def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
-    """Rebuild the UNet and the process from a checkpoint, with the chosen weights, in eval mode."""
-    checkpoint = read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
+def _current_targets(config: Any) -> Any:
+    """``config`` with every moved ``_target_`` (`MOVED_TARGETS`) renamed."""
+    if isinstance(config, dict):
+        return {key: MOVED_TARGETS.get(value, value) if key == "_target_" else _current_targets(value)
+                for key, value in config.items()}
+    if isinstance(config, list):
+        return [_current_targets(value) for value in config]
+    return config
+
+
+def run_config(checkpoint: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run config, the hyper-parameters) of a checkpoint, with the data's shape in the
+    hyper-parameters. Checkpoints converted before the layout was shared kept the config
+    under ``config`` and the shape in its ``data`` entry."""
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
     config = hparams.get("run_config") or hparams.get("config")
     if not config or "model" not in config or "diffusion" not in config:
         raise CheckpointError(
-            f"{path} holds no run config (hyper_parameters.config with model and diffusion); "
+            f"{path} holds no run config (hyper_parameters.run_config with model and diffusion); "
             "expected a checkpoint written by train.py or python -m diffusion.convert"
         )
-    diffusion = hydra.utils.instantiate(config["diffusion"])
-    # train.py stores the data's shape beside the config; diffusion.convert inside it.
     data = config.get("data") or {}
-    image_size = hparams.get("image_size", data.get("image_size"))
-    in_channels = hparams.get("in_channels", data.get("channels"))
-    num_classes = hparams.get("num_classes", data.get("num_classes"))
+    for key, legacy in (("image_size", "image_size"), ("in_channels", "channels"), ("num_classes", "num_classes")):
+        hparams.setdefault(key, data.get(legacy))
+    return _current_targets(dict(config)), hparams
+
+
+def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
+    """Rebuild the UNet and the process from a checkpoint, with the chosen weights, in eval mode."""
+    checkpoint = read_checkpoint(path)
+    config, hparams = run_config(checkpoint, path)
+    diffusion = hydra.utils.instantiate(config["diffusion"])
     unet_config, _ = split_model_config(config["model"])  # the jobs choose their own run-time options
-    model_factory = hydra.utils.instantiate(unet_config, _partial_=True)
     model = build_unet(
-        model_factory, diffusion, image_size=image_size, in_channels=in_channels,
-        num_classes=num_classes, label_dropout=hparams.get("label_dropout", 0.0),  # > 0: null class
+        hydra.utils.instantiate(unet_config, _partial_=True), diffusion,
+        image_size=hparams["image_size"], in_channels=hparams["in_channels"],
+        num_classes=hparams["num_classes"], label_dropout=hparams.get("label_dropout", 0.0),
     )
     state, chosen = select_weights(checkpoint, weights, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -94,8 +202,8 @@ def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
             f"(missing {sorted(missing)[:3]}..., unexpected {sorted(unexpected)[:3]}...)"
         )
     model.eval()
-    shape = (in_channels, image_size, image_size)
     return LoadedCheckpoint(
-        model=model, diffusion=diffusion, config=config, image_shape=shape,
-        num_classes=num_classes, weights=chosen, global_step=checkpoint.get("global_step"),
+        model=model, diffusion=diffusion, config=config,
+        image_shape=(hparams["in_channels"], hparams["image_size"], hparams["image_size"]),
+        num_classes=hparams["num_classes"], weights=chosen, global_step=checkpoint.get("global_step"),
     )

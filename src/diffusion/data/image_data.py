@@ -1,9 +1,11 @@
-"""LightningDataModules for the datasets in ``configs/data/``.
+"""The datasets of ``configs/data/``: their splits and loaders, in plain torch.
 
-Every module has ``image_size``, ``channels`` and ``num_classes`` (None without labels), and
-its dataloaders yield ``(images, labels)``: images float32 (B, C, H, W) in [-1, 1], the 8-bit
+Every class has ``image_size``, ``channels`` and ``num_classes`` (None without labels), and
+its loaders yield ``(images, labels)``: images float32 (B, C, H, W) in [-1, 1], the 8-bit
 value k mapped to 2k/255 - 1, so likelihoods are bits/dim on 8-bit data (DDPM sec. 3.3,
-arXiv 2006.11239); labels int64, all zero when the dataset has none.
+arXiv 2006.11239); labels int64, all zero when the dataset has none. Training wraps one in
+`diffusion.data.module.DataModule` (Lightning); sampling and evaluation use it directly,
+without Lightning.
 
 Splits are fixed: held-out parts are drawn with a seed of their own (``split_seed``), never
 from the global RNG, so two runs (or a run and its evaluation) see the same images. Training
@@ -18,22 +20,20 @@ import pickle
 from functools import cached_property
 from pathlib import Path
 
-import lightning as L
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets import utils as tv_utils
 from torchvision.transforms import InterpolationMode, v2
 
-from diffusion.training import datasets as ds
-from diffusion.training.resume import ResumableDataLoader
+from diffusion.data import datasets as ds
+from diffusion.data.digits import digits_split, digits_uint8
+from diffusion.data.loader import ResumableDataLoader
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Loader plumbing shared by the datasets: subclasses build the splits in ``build_splits``."""
+class ImageData:
+    """Loader plumbing shared by the datasets: subclasses build the splits in ``build_splits``
+    (and fetch missing files in ``prepare_data``, which training runs on one process only)."""
 
     image_size: int
     channels: int
@@ -41,7 +41,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, *, batch_size: int, num_workers: int, pin_memory: bool,
                  persistent_workers: bool):
-        super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size={batch_size} must be ≥ 1 and num_workers={num_workers} ≥ 0")
         self.batch_size = batch_size
@@ -53,7 +52,11 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
-        raise NotImplementedError
+        """(train, val, test) datasets; each subclass says how."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_splits")
+
+    def prepare_data(self) -> None:
+        """Fetch what is missing (a download); nothing for most datasets."""
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -86,13 +89,14 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(dataset, shuffle=False, drop_last=False, **options)
 
 
-class DigitsDataModule(ImageDataModule):
+class DigitsData(ImageData):
     """scikit-learn's 1797 handwritten digits (8x8, values 0..16, labels 0..9), held in memory.
 
     The 17 grey levels become 8-bit intensities round(v·255/16), and likelihoods are reported
     on that 8-bit version. ``image_size`` other than 8 resizes those uint8 images once
     (bilinear, antialiased). No flips: a mirrored digit is another symbol. The test and
-    validation parts are stratified by label (sklearn's ``train_test_split``).
+    validation parts are stratified by label: `diffusion.data.digits.digits_split`, the split
+    the digits FID uses too.
     """
 
     channels = 1
@@ -114,24 +118,8 @@ class DigitsDataModule(ImageDataModule):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         pixels, labels = digits_uint8(self.image_size)
         images = pixels.float() / 127.5 - 1  # 8-bit k -> 2k/255 - 1
-        n = len(labels)
-        strata = labels.numpy()
-        rest, test = train_test_split(np.arange(n), test_size=round(self.test_fraction * n),
-                                      stratify=strata, random_state=self.split_seed)
-        train, val = train_test_split(rest, test_size=round(self.val_fraction * n),
-                                      stratify=strata[rest], random_state=self.split_seed)
-        return tuple(TensorDataset(images[i], labels[i]) for i in (train, val, test))
-
-
-def digits_uint8(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's digits as uint8 (N, 1, image_size, image_size) in 0..255, and int64 labels."""
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
-    images = torch.from_numpy(pixels).unsqueeze(1)  # (N, 8, 8) -> (N, 1, 8, 8)
-    if image_size != images.shape[-1]:
-        images = v2.functional.resize(images, [image_size, image_size],
-                                      interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return images, torch.from_numpy(digits.target).long()
+        parts = digits_split(self.val_fraction, self.test_fraction, self.split_seed)
+        return tuple(TensorDataset(images[parts[name]], labels[parts[name]]) for name in ("train", "val", "test"))
 
 
 CIFAR10_HELP = (
@@ -141,7 +129,7 @@ CIFAR10_HELP = (
 )
 
 
-class Cifar10DataModule(ImageDataModule):
+class Cifar10Data(ImageData):
     """CIFAR-10 in torchvision's on-disk format (``root/cifar-10-batches-py`` pickles).
 
     Validation is a fixed held-out subset of ``val_size`` training images; test is the
@@ -204,7 +192,7 @@ class Cifar10DataModule(ImageDataModule):
                                f"({err!r})") from err
 
 
-class CelebADataModule(ImageDataModule):
+class CelebAData(ImageData):
     """CelebA's aligned 178x218 faces, center-cropped to ``crop_size`` then resized.
 
     The 140-pixel center crop then resize to 64 follows NCSN and score_sde (Song & Ermon 2019,
@@ -263,7 +251,7 @@ IMAGENET64_TRAIN_FILES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11)
 IMAGENET64_TEST_FILE = "val_data.npz"
 
 
-class ImageNet64DataModule(ImageDataModule):
+class ImageNet64Data(ImageData):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017, arXiv 1707.08819), npz batches.
 
     ``root`` (or its immediate sub-folders, as the two train zips unpack) holds
@@ -311,7 +299,7 @@ class ImageNet64DataModule(ImageDataModule):
                 ds.TransformedSubset(test, None, plain))
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderData(ImageData):
     """Any folder of images, as RGB: shorter side resized to ``image_size`` (bicubic,
     antialiased), then center-cropped to a square, as improved-diffusion's image_datasets.py.
 

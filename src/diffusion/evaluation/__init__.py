@@ -19,7 +19,6 @@ _EXPORTS = {
     "InceptionFeatureExtractor": "diffusion.evaluation.fid",
     "DigitsFeatureExtractor": "diffusion.evaluation.fid",
     "INCEPTION_WEIGHTS_URL": "diffusion.evaluation.fid",
-    "digits_images": "diffusion.evaluation.fid",
     "to_uint8_nchw": "diffusion.evaluation.fid",
 }
 

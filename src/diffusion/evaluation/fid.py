@@ -39,6 +39,11 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.inception import InceptionScore
 
+from diffusion.data.digits import digits_images
+from diffusion.process._tensor import model_device
+from diffusion.utils.atomic import atomic_savez, atomic_write
+from diffusion.utils.images import to_uint8
+
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth"
@@ -68,7 +73,7 @@ def to_uint8_nchw(images) -> torch.Tensor:
         )
     if images.dtype == torch.uint8:
         return images
-    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return to_uint8(images)
 
 
 def iter_uint8_batches(samples, batch_size: int):
@@ -156,31 +161,6 @@ class InceptionFeatureExtractor(FeatureExtractor):
         return F.linear(features, self.net.fc.weight.to(features.dtype))
 
 
-DIGITS_SPLIT_SEED = 0  # the classifier's train/test split of the 1797 digits
-DIGITS_TEST_FRACTION = 0.2
-
-
-def digits_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits as uint8 (N, 1, 8, 8) images (levels 0..16 scaled to 0..255,
-    as the data module's [-1, 1] scaling quantizes back) and int64 labels.
-
-    ``split``: "train" / "test" (a fixed seeded 80/20 permutation, the classifier's own
-    split) or "all".
-    """
-    from sklearn.datasets import load_digits  # lazy: only the quickstart needs it
-
-    valid = ("train", "test", "all")
-    if split not in valid:
-        raise ValueError(f"unknown digits split {split!r}; valid: {', '.join(valid)}")
-    digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
-    num_test = int(round(DIGITS_TEST_FRACTION * len(images)))
-    index = {"test": order[:num_test], "train": order[num_test:], "all": np.arange(len(images))}[split]
-    pixels = torch.from_numpy(images[index]).unsqueeze(1)  # (N, 8, 8) -> (N, 1, 8, 8)
-    return pixels, torch.from_numpy(digits.target[index]).long()
-
-
 class DigitsFeatureExtractor(FeatureExtractor):
     """A small CNN classifier of the 8x8 digits; its 64 penultimate features give FID_digits
     and its class probabilities the classifier score. Build with ``load_or_fit``.
@@ -192,7 +172,9 @@ class DigitsFeatureExtractor(FeatureExtractor):
     num_features = 64
     fid_key = "fid_digits"
     score_key = "classifier_score"
-    version = 1  # bump when the architecture or training changes: it renames the caches
+    # Bump when the architecture, the training or the digits split changes: it renames the
+    # caches (v2: trained on `diffusion.data.digits`' split, the quickstart's own).
+    version = 2
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -228,10 +210,8 @@ class DigitsFeatureExtractor(FeatureExtractor):
             model.test_accuracy = float(state["test_accuracy"])
             return model.eval()
         model.fit()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"state_dict": model.state_dict(), "test_accuracy": model.test_accuracy}, tmp)
-        os.replace(tmp, path)
+        with atomic_write(str(path)) as handle:
+            torch.save({"state_dict": model.state_dict(), "test_accuracy": model.test_accuracy}, handle)
         return model.eval()
 
     def fit(self, epochs: int = 8, batch_size: int = 128, lr: float = 5e-3) -> float:
@@ -304,8 +284,7 @@ class FIDEvaluator:
     @torch.no_grad()
     def _features(self, samples) -> Iterable[torch.Tensor]:
         """Float64 features on the CPU, one batch at a time."""
-        tensors = [*self.extractor.parameters(), *self.extractor.buffers()]
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = model_device(self.extractor) or torch.device("cpu")
         for images in iter_uint8_batches(samples, self.batch_size):
             yield self.extractor(images.to(device)).to("cpu", torch.float64)
 
@@ -339,7 +318,7 @@ class FIDEvaluator:
         # The unbiased covariance exactly as torchmetrics' compute() forms it.
         sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
         stats = {"mu": mu.numpy(), "sigma": sigma.numpy(), "num_images": n}
-        _save_npz_atomic(path, extractor=self.extractor.name, **stats)
+        atomic_savez(str(path), extractor=self.extractor.name, **stats)
         return {**stats, "path": str(path)}
 
     def _new_fid(self) -> FrechetInceptionDistance:
@@ -386,12 +365,3 @@ def _load_real_stats(metric: FrechetInceptionDistance, ref: dict) -> None:
     metric.real_features_sum = mu * n
     metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
     metric.real_features_num_samples = torch.tensor(n, dtype=torch.long)
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-    """Write to a temporary file, then rename, so a crash never leaves half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)

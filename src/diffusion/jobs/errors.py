@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from diffusion.training.checkpoint import CheckpointError
+from diffusion.checkpoint import CheckpointError
 
 # Errors that describe bad input (a path, a name, a number) and whose message says it all.
 USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError)

@@ -18,22 +18,23 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, digits_images, evaluate_bpd
+from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
+from diffusion.data.digits import digits_images
+from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, evaluate_bpd
 from diffusion.jobs.common import (
     autocast_network,
     batch_generator,
     images_progress,
     resolve_devices,
 )
-from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
+from diffusion.jobs.sample import sample
 from diffusion.utils.atomic import atomic_save_json
 
 log = logging.getLogger(__name__)
-METRICS = ("nll", "fid")
 
 
-def datamodule_for(cfg: DictConfig, loaded: LoadedCheckpoint):
-    """The run's DataModule (or ``data=...`` given here), without augmentation."""
+def data_for(cfg: DictConfig, loaded: LoadedCheckpoint):
+    """The run's dataset (or ``data=...`` given here), without augmentation, split."""
     data_cfg = cfg.get("data") or loaded.config.get("data")
     if not data_cfg or "_target_" not in data_cfg:
         raise ValueError(
@@ -44,22 +45,20 @@ def datamodule_for(cfg: DictConfig, loaded: LoadedCheckpoint):
         data_cfg.batch_size = cfg.batch_size
         if "random_flip" in data_cfg:
             data_cfg.random_flip = False
-    datamodule = hydra.utils.instantiate(data_cfg)
-    datamodule.setup()  # builds every split
-    return datamodule
+    data = hydra.utils.instantiate(data_cfg)
+    data.setup()  # builds every split
+    return data
 
 
-def split_loader(datamodule, split: str):
-    loaders = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
-               "test": datamodule.test_dataloader}
+def split_loader(data, split: str):
+    loaders = {"train": data.train_dataloader, "val": data.val_dataloader, "test": data.test_dataloader}
     if split not in loaders:
         raise ValueError(f"split={split!r} is not one of {sorted(loaders)}")
     return loaders[split]()
 
 
 def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict[str, Any]:
-    datamodule = datamodule_for(cfg, loaded)
-    loader = split_loader(datamodule, cfg.split)
+    loader = split_loader(data_for(cfg, loaded), cfg.split)
     total = len(loader.dataset) if cfg.max_batches is None else min(len(loader.dataset), cfg.max_batches * cfg.batch_size)
     model_kwargs_fn = (lambda y: {"y": y}) if loaded.num_classes is not None else None
     with torch.inference_mode(), images_progress(total, 0, f"bits/dim ({cfg.split})", enabled=cfg.progress) as advance:
@@ -68,6 +67,7 @@ def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
             clip_denoised=cfg.clip_denoised, model_kwargs_fn=model_kwargs_fn, progress=advance,
             max_batches=cfg.max_batches, respacing=cfg.respacing,
             generator=batch_generator(cfg.seed, 0, device),
+            device=device,  # the model is a closure here: the batches cannot find its device
         )
     log.info("%s bits/dim: %.4f (prior %.2e, decoder %.4f) over %d images",
              cfg.split, results["bpd"], results["prior_bpd"], results["decoder_bpd"], results["num_images"])
@@ -75,11 +75,11 @@ def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
 
 
 def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict[str, Any]:
-    samples = cfg.samples or draw_samples(cfg)
+    samples = cfg.samples or sample(cfg, loaded)["npz"]  # the sample job, with this config's sampler
     if not os.path.isfile(samples):
         raise FileNotFoundError(f"samples file not found: {samples}")
     datamodule_cfg = cfg.get("data") or loaded.config.get("data") or {}
-    is_digits = str(datamodule_cfg.get("_target_", "")).endswith("DigitsDataModule")
+    is_digits = str(datamodule_cfg.get("_target_", "")).endswith("DigitsData")
     if is_digits:
         extractor = DigitsFeatureExtractor.load_or_fit(cfg.cache_dir)
         evaluator = FIDEvaluator(extractor, cache_dir=cfg.cache_dir, device=device)
@@ -88,8 +88,7 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
         evaluator = FIDEvaluator(inception_weights=cfg.inception_weights, cache_dir=cfg.cache_dir, device=device)
 
         def real_batches():
-            datamodule = datamodule_for(cfg, loaded)
-            return split_loader(datamodule, "train")
+            return split_loader(data_for(cfg, loaded), "train")
 
         name = datamodule_cfg.get("_target_", "data").rsplit(".", 1)[-1]
         results = evaluator(samples, dataset=f"{name}-{datamodule_cfg.get('image_size', loaded.image_shape[-1])}",
@@ -99,16 +98,8 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
     return results
 
 
-def draw_samples(cfg: DictConfig) -> str:
-    from diffusion.jobs.sample import sample  # the sample job, with this config's sampler
-
-    sample_cfg = OmegaConf.create({
-        "ckpt": cfg.ckpt, "num_samples": cfg.num_samples, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "weights": cfg.weights, "class_labels": None, "clip_denoised": cfg.clip_denoised, "device": cfg.device,
-        "num_devices": cfg.num_devices, "precision": cfg.precision, "grid_size": 64, "progress": cfg.progress,
-        "output_dir": cfg.output_dir, "sampler": OmegaConf.to_container(cfg.sampler),
-    })
-    return sample(sample_cfg)["npz"]
+# metric= -> the function that computes it: (cfg, loaded checkpoint, device) -> plain dict.
+METRICS = {"nll": nll, "fid": fid}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -116,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"metric={cfg.metric!r} is not one of {list(METRICS)}")
     loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
     device = torch.device(resolve_devices(cfg.device)[0])
-    results = {"nll": nll, "fid": fid}[cfg.metric](cfg, loaded, device)
+    results = METRICS[cfg.metric](cfg, loaded, device)
     results.update(ckpt=os.path.abspath(cfg.ckpt), weights=loaded.weights, metric=cfg.metric,
                    global_step=loaded.global_step)
     path = os.path.join(cfg.output_dir, f"{cfg.metric}.json")

@@ -24,24 +24,24 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
 from diffusion.jobs.common import (
     autocast_network,
     batch_generator,
     images_progress,
     resolve_devices,
 )
+from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY, check_guidance
-from diffusion.training.callbacks import save_image_grid
-from diffusion.training.checkpoint import LoadedCheckpoint, load_checkpoint
 from diffusion.utils.atomic import atomic_savez
+from diffusion.utils.images import save_image_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW floats -> uint8 NHWC, rounding as improved-diffusion's sampler does."""
-    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
+    return to_uint8(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, C, H, W) -> (B, H, W, C)
 
 
 def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: int,
@@ -92,13 +92,18 @@ def shard_path(shard_dir: str, index: int) -> str:
     return os.path.join(shard_dir, f"batch_{index:06d}.npz")
 
 
-def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, progress_queue=None) -> None:
-    """Worker: the batches ``rank, rank + n, ...`` on ``devices[rank]``, each saved as a shard."""
+def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, progress_queue=None,
+                loaded: LoadedCheckpoint | None = None, sampler: Sampler | None = None) -> None:
+    """Worker: the batches ``rank, rank + n, ...`` on ``devices[rank]``, each saved as a shard.
+    A worker process loads the checkpoint and builds the sampler itself; in the job's own
+    process they are passed in."""
     cfg = OmegaConf.create(cfg_yaml)
     device = torch.device(devices[rank])
-    loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+    if loaded is None:
+        loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+    if sampler is None:
+        sampler = hydra.utils.instantiate(cfg.sampler)
     loaded.model.to(device)
-    sampler = hydra.utils.instantiate(cfg.sampler)
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
             continue
@@ -120,9 +125,11 @@ def output_paths(cfg: DictConfig, image_shape: tuple[int, int, int]) -> tuple[st
             os.path.join(out_dir, f"{stem}_shards"))
 
 
-def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Run the job; returns the paths written and the number of images."""
-    loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)  # fail fast on a bad checkpoint
+def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str, Any]:
+    """Run the job; returns the paths written and the number of images. ``loaded``: the
+    checkpoint ``cfg.ckpt`` already loaded with ``cfg.weights`` (the evaluate job's)."""
+    if loaded is None:
+        loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)  # fail fast on a bad checkpoint
     sampler = hydra.utils.instantiate(cfg.sampler)
     sampler.check(loaded.diffusion)  # e.g. more steps than the process has
     check_guidance(sampler.guidance_scale, conditional=loaded.num_classes is not None,
@@ -138,7 +145,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     with images_progress(cfg.num_samples, done, "sampling", enabled=cfg.progress) as advance:
         if len(devices) == 1:
             queue = _CallbackQueue(advance)
-            run_batches(0, cfg_yaml, devices, shard_dir, queue)
+            run_batches(0, cfg_yaml, devices, shard_dir, queue, loaded=loaded, sampler=sampler)
         else:
             _run_on_devices(cfg_yaml, devices, shard_dir, advance)
     arrays = merge_shards(shard_dir, len(sizes))

@@ -1,88 +1,31 @@
-"""`SampleGrid`: a fixed-noise grid of DDIM samples during training, and `save_image_grid`.
+"""`SampleGrid`: a fixed-noise grid of DDIM samples during training; `ProgressBar`.
 
 Watching samples from the same starting noise x_T at every checkpoint shows how the model
 (with its EMA weights) converges far better than the loss does. DDIM with η = 0 (DDIM
 eq. 12, arXiv 2010.02502) maps x_T to x_0 deterministically, so with fixed noise two grids
-differ only because the weights did. A few respaced steps (IDDPM sec. 4, arXiv 2102.09672)
-keep the cost to ``ddim_steps`` network calls per grid.
+differ only because the weights did. The grid is drawn by the sampler object that
+``sample.py sampler=ddimN`` uses (`diffusion.sampling.DDIMSampler`, N = ``ddim_steps``), so
+it visits the same steps and shows what sample.py would draw from the same noise.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
-from PIL import Image
 from torch import nn
-from torchvision.utils import make_grid, save_image  # safe: the diffusion package is imported
 
-from diffusion.process.respace import SpacedDiffusion, space_timesteps
+from diffusion.sampling import DDIMSampler
 from diffusion.training.ema import EMA
 from diffusion.utils.checks import require_int
+from diffusion.utils.images import save_grid, save_image_grid, to_uint8
 
 LOG_KEY = "train/samples"
-
-
-# ------------------------------------------------------------------------ image files
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto
-    ``path``, so a reader (or a crash) never sees a half-written file."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def _image_format(path: str | os.PathLike) -> str:
-    extension = os.path.splitext(os.fspath(path))[1].lower()
-    formats = Image.registered_extensions()
-    if extension not in formats:
-        raise ValueError(f"cannot tell the image format of {os.fspath(path)!r}; use one of .png, .jpg, .webp")
-    return formats[extension]
-
-
-def make_image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """(N, C, H, W) images in [-1, 1] -> one (3 or C, H', W') grid in [0, 1] on the CPU,
-    ``nrow`` images per row (default ceil(sqrt(N)), square for square N)."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1]
-    return make_grid(images, nrow=nrow, padding=2)
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> torch.Tensor:
-    """Save (N, C, H, W) images in [-1, 1] as one grid image at ``path``, atomically
-    (temporary file in the same folder, then `os.replace`). Returns the [0, 1] grid."""
-    grid = make_image_grid(images, nrow)
-    image_format = _image_format(path)
-    _atomic_write(path, lambda tmp: save_image(grid, tmp, format=image_format))
-    return grid
-
-
-def _copy_file(source: str, destination: str) -> None:
-    with open(source, "rb") as f:
-        data = f.read()
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic_write(destination, write)
 
 
 @contextlib.contextmanager
@@ -100,8 +43,8 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 # --------------------------------------------------------------------------- callback
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and once at the end of fit) draw
-    ``num_samples`` images from fixed noise with DDIM (η = 0, ``ddim_steps`` respaced
-    steps) and the EMA weights of the first rate (the raw weights without an `EMA`
+    ``num_samples`` images from fixed noise with DDIM (η = 0, ``ddim_steps`` steps, the
+    sampler of ``sample.py sampler=ddim<ddim_steps>``) and the EMA weights of the first rate (the raw weights without an `EMA`
     callback), save them as ``<log_dir>/samples/step_XXXXXXX.png`` and ``samples/last.png``,
     and send the grid to the loggers that take images (wandb's ``log_image``,
     TensorBoard's ``add_image``). Only global rank 0 draws.
@@ -113,7 +56,8 @@ class SampleGrid(L.Callback):
     Args:
         every_n_steps: optimizer steps between grids; 0 draws only at the end.
         num_samples: images per grid; a square number gives a square grid.
-        ddim_steps: DDIM steps, respaced evenly over the T training steps (at most T).
+        ddim_steps: DDIM steps N, visited as ``DDIMSampler(steps=N)`` visits them
+            (``range(0, T, k)`` with exactly N entries).
         seed: seeds the fixed noise x_T (drawn on the CPU, so it is the same on any device).
         clip_denoised: clip the predicted x_0 to [-1, 1] at each step.
         on_fit_end: also draw when training ends (unless that step was just drawn).
@@ -147,11 +91,11 @@ class SampleGrid(L.Callback):
         self._folder: str | None = None
         self._noise_cpu: torch.Tensor | None = None
         self._noise: torch.Tensor | None = None
-        self._process: SpacedDiffusion | None = None
-        self._process_source: Any = None
+        self.sampler = DDIMSampler(steps=ddim_steps, eta=0.0)
 
     # ------------------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check(pl_module.diffusion)  # at set-up, not after hours of training
         # trainer.log_dir is a collective (it broadcasts from rank 0): every rank asks here.
         self._folder = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
 
@@ -180,15 +124,15 @@ class SampleGrid(L.Callback):
         folder = self._folder or os.path.join(trainer.default_root_dir, "samples")
         path = os.path.join(folder, f"step_{step:07d}.png")
         self.last_grid = save_image_grid(images, path)
-        _copy_file(path, os.path.join(folder, "last.png"))
+        save_grid(self.last_grid, os.path.join(folder, "last.png"))
         self._log(trainer, self.last_grid, step)
         return path
 
     def sample(self, pl_module: L.LightningModule, ema: EMA | None = None) -> torch.Tensor:
         """The grid's images, (num_samples, C, H, W) in [-1, 1], with ``ema``'s first rate
         swapped in (raw weights when None), in eval mode and without gradients."""
+        self.check(pl_module.diffusion)
         device = pl_module.device
-        process = self._spaced_process(pl_module.diffusion)
         noise = self.fixed_noise(tuple(pl_module.image_shape), device)
         model_kwargs = {}
         if getattr(pl_module, "num_classes", None) is not None:
@@ -200,10 +144,19 @@ class SampleGrid(L.Callback):
             def model(x_t: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 return network(x_t, t, **kwargs).to(x_t.dtype)  # e.g. a bf16 UNet
 
-            return process.ddim_sample_loop(
-                model, tuple(noise.shape), noise=noise, clip_denoised=self.clip_denoised,
-                model_kwargs=model_kwargs, eta=0.0,
-            )
+            return self.sampler(pl_module.diffusion, model, noise=noise, clip_denoised=self.clip_denoised,
+                                model_kwargs=model_kwargs)
+
+    def check(self, diffusion: Any) -> None:
+        """Raise a ValueError naming ``ddim_steps`` if DDIM cannot take them on ``diffusion``."""
+        try:
+            self.sampler.check(diffusion)
+        except ValueError as err:
+            num_timesteps = diffusion.num_timesteps
+            raise ValueError(
+                f"SampleGrid: ddim_steps={self.ddim_steps} does not fit the process's T={num_timesteps} "
+                f"steps ({err}); choose a count in 1..{num_timesteps} that DDIM's uniform skip can take"
+            ) from None
 
     def fixed_noise(self, image_shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
         """x_T for the grid: drawn once on the CPU from ``seed``, cached per device."""
@@ -216,31 +169,11 @@ class SampleGrid(L.Callback):
             self._noise = self._noise_cpu.to(device)
         return self._noise
 
-    def _spaced_process(self, diffusion: Any) -> SpacedDiffusion:
-        """``diffusion`` respaced to ``ddim_steps`` evenly spread steps, built once."""
-        if self._process is None or self._process_source is not diffusion:
-            num_timesteps = diffusion.num_timesteps
-            if self.ddim_steps > num_timesteps:
-                raise ValueError(
-                    f"SampleGrid: ddim_steps={self.ddim_steps} exceeds the process's "
-                    f"T={num_timesteps} steps; choose 1..{num_timesteps}"
-                )
-            self._process = SpacedDiffusion(
-                space_timesteps(num_timesteps, [self.ddim_steps]),
-                betas=diffusion.betas,
-                model_mean_type=diffusion.model_mean_type,
-                model_var_type=diffusion.model_var_type,
-                loss_type=diffusion.loss_type,
-                rescale_timesteps=diffusion.rescale_timesteps,
-            )
-            self._process_source = diffusion
-        return self._process
-
     @staticmethod
     def _log(trainer: L.Trainer, grid: torch.Tensor, step: int) -> None:
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger (and others with the same API)
-                hwc = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+                hwc = to_uint8(grid * 2 - 1).permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
                 logger.log_image(key=LOG_KEY, images=[hwc], step=step)
                 continue
             experiment = getattr(logger, "experiment", None)
@@ -249,10 +182,13 @@ class SampleGrid(L.Callback):
 
 
 class ProgressBar(RichProgressBar):
-    """Rich's progress bar, reading the logged metrics every ``metrics_every_n_steps`` steps.
+    """Rich's progress bar, reading the logged metrics every ``metrics_every_n_steps`` steps,
+    and counting optimizer steps against ``max_steps`` on a run bounded by steps.
 
-    Reading them turns each into a Python number, which makes the host wait for the device;
-    Rich's bar would do that after every training batch. In between it shows the last values.
+    Reading the metrics turns each into a Python number, which makes the host wait for the
+    device; Rich's bar would do that after every training batch. In between it shows the
+    last values. Rich's bar counts the batches of the epoch against ``max_epochs - 1``,
+    which reads ``Epoch 218/-2`` on a run bounded by steps (``max_epochs=-1``).
     """
 
     def __init__(self, metrics_every_n_steps: int = 25, **kwargs: Any) -> None:
@@ -266,3 +202,24 @@ class ProgressBar(RichProgressBar):
             return self._shown
         self._shown = super().get_metrics(trainer, pl_module)
         return self._shown
+
+    @staticmethod
+    def _bounded_by_steps(trainer: L.Trainer) -> bool:
+        return trainer.max_epochs in (None, -1) and bool(trainer.max_steps) and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        if self._bounded_by_steps(self.trainer):
+            return self.trainer.max_steps
+        return super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self._bounded_by_steps(self.trainer):
+            return f"Epoch {current_epoch}, step"
+        return super()._get_train_description(current_epoch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._bounded_by_steps(trainer):
+            self._update(self.train_progress_bar_id, trainer.global_step)  # steps, not the epoch's batches

@@ -1,8 +1,8 @@
 """Checkpoint writes that never corrupt or replace a good checkpoint with a bad one.
 
-The checkpoint is serialised to a temporary file beside the target, flushed, fsynced and
-renamed over it (`diffusion.utils.atomic`): a crash or a full disk during the write leaves
-the previous file intact. A model whose weights are no longer finite is refused before
+The checkpoint is written by `diffusion.checkpoint.save_checkpoint` (a temporary file beside
+the target, flushed, fsynced and renamed over it): a crash or a full disk during the write
+leaves the previous file intact. A model whose weights are no longer finite is refused before
 anything is written, so a NaN never replaces the last good checkpoint.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from diffusion.utils.atomic import atomic_write
+from diffusion.checkpoint import save_checkpoint
 
 
 class NonFiniteModelError(RuntimeError):
@@ -39,10 +39,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"refusing to write checkpoint {path} at step {checkpoint.get('global_step')}: "
                 f"{len(bad)} weight tensor(s) are not finite ({', '.join(bad[:3])}); {previous}"
             )
-        try:
-            with atomic_write(path) as handle:
-                torch.save(checkpoint, handle)
-        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-            previous = "the previous file is intact" if os.path.exists(path) else "no file was left"
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise OSError(f"writing checkpoint {path} failed ({reason}); {previous}") from err
+        save_checkpoint(checkpoint, path)

@@ -16,61 +16,17 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from diffusion.process.gaussian_diffusion import GaussianDiffusion, ModelVarType
+from diffusion.checkpoint import build_unet, prepare_network
+from diffusion.process.gaussian_diffusion import GaussianDiffusion
 from diffusion.process.likelihood import estimate_bpd
 from diffusion.process.resample import LossAwareSampler, create_named_schedule_sampler
 from diffusion.training.metrics import WeightedMean
 from diffusion.training.nonfinite import NonFiniteGuard
 
-LEARNED_VARIANCES = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 ANNEALING = ("none", "linear", "cosine")
-# Keys of the model config that say how to run the UNet rather than what it is.
-RUNTIME_KEYS = ("channels_last", "compile")
 # The loss-aware t-sampler learns from (t, loss) pairs gathered on the device and handed
 # to the host every this many steps (one transfer, not one synchronisation per step).
 LOSS_HISTORY_FLUSH_STEPS = 16
-
-
-def split_model_config(config: Any) -> tuple[dict[str, Any], dict[str, bool]]:
-    """(the UNet's config, the run-time options ``channels_last`` and ``compile``)."""
-    unet = {key: config[key] for key in config if key not in RUNTIME_KEYS}
-    runtime = {key: bool(config[key]) for key in RUNTIME_KEYS if config.get(key) is not None}
-    return unet, runtime
-
-
-def build_unet(
-    model: Callable[..., nn.Module],
-    diffusion: GaussianDiffusion,
-    *,
-    image_size: int,
-    in_channels: int,
-    num_classes: int | None,
-    label_dropout: float = 0.0,
-) -> nn.Module:
-    """Finish the partially configured UNet with what the data and the process decide.
-
-    The output width follows the variance type (2C for learned variances, mean part
-    first), and the null class of classifier-free guidance follows ``label_dropout > 0``,
-    so that no two config keys can disagree about either.
-    """
-    out_channels = in_channels * (2 if diffusion.model_var_type in LEARNED_VARIANCES else 1)
-    return model(
-        image_size=image_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        num_classes=num_classes,
-        null_class=label_dropout > 0,
-    )
-
-
-def prepare_network(net: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:
-    """Apply the run-time options in place: NHWC weights, and ``nn.Module.compile`` (which
-    keeps the state-dict keys). Inputs must be NHWC too for channels_last to pay."""
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    if compile:
-        net.compile()
-    return net
 
 
 def check_label_dropout(label_dropout: float, num_classes: int | None) -> None:

@@ -15,7 +15,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.training.module import DiffusionModule, split_model_config
+from diffusion.checkpoint import split_model_config
+from diffusion.data.image_data import ImageData
+from diffusion.data.module import DataModule
+from diffusion.training.module import DiffusionModule
 from diffusion.utils.host_memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
@@ -28,10 +31,10 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> DiffusionModule:
+def build_module(cfg: DictConfig, data: ImageData) -> DiffusionModule:
     """The module, finished with the data's shape and labels, holding the resolved config."""
-    num_classes = datamodule.num_classes if cfg.class_cond else None
-    if cfg.class_cond and datamodule.num_classes is None:
+    num_classes = data.num_classes if cfg.class_cond else None
+    if cfg.class_cond and data.num_classes is None:
         raise ValueError(
             f"class_cond=true but the dataset {cfg.data._target_} has no labels; "
             "use class_cond=false or a labelled dataset"
@@ -50,8 +53,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> Diffusio
         model=hydra.utils.instantiate(unet_cfg),
         **runtime,
         diffusion=hydra.utils.instantiate(cfg.diffusion),
-        image_size=datamodule.image_size,
-        in_channels=datamodule.channels,
+        image_size=data.image_size,
+        in_channels=data.channels,
         num_classes=num_classes,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
@@ -69,8 +72,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
 
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    data: ImageData = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg, data)
+    datamodule = DataModule(data)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
         logger=instantiate_list(cfg.get("logger")) or False,
