@@ -56,21 +56,26 @@ Examples:
         --sample-batch 2 --loader-batches 2 --no-record            # a smoke run
 
 Unless --no-record, rows go to bench/results.md ("Training performance (MFU harness)",
-"Ablations", "Sampling throughput", "Data loading"), each with the device, date, commit and
-the command line that reproduces it (performance_report.py).
+"Ablations", "Sampling throughput", "Data loading"), or to the file --results names, each
+with the device, date, commit and the command line that reproduces it
+(performance_report.py); --json PATH writes every figure as JSON too (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 # ruff: noqa: I001  (common imports diffusion, which must precede lightning and torchvision)
 
+import common
 from common import compose_preset, device_name  # first: imports diffusion
 
 import argparse
+import functools
+import json
 import logging
 import shlex
 import tempfile
 import warnings
+from pathlib import Path
 
 import hydra
 import torch
@@ -79,7 +84,7 @@ import sample_throughput
 from ablations import VARIANTS, ablate
 from device_peak import compute_dtype, conv_peak, matmul_peak
 from loader_rate import loader_rate
-from performance_report import ablation_line, loader_line, record_rows, sampling_line, summary
+from performance_report import ablation_line, as_json, loader_line, record_rows, sampling_line, summary
 from train_timing import train_once
 
 PRESETS = ("cifar_cosine_learned_sigma", "digits_quickstart")
@@ -117,6 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--channels-last", action="store_true", help="model.channels_last=true")
     add("--compile", action="store_true", help="model.compile=true")
     add("--grad-checkpoint", action="store_true", help="model.use_checkpoint=true")
+    add("--compile-backend", metavar="NAME",
+        help="torch.compile backend of model.compile=true (default: inductor); aot_eager traces the "
+             "step without generating kernels, for a smoke run of the compiled path on a small CPU")
     add("--ablate", type=comma_list(VARIANTS), default=[], metavar="NAME[,NAME...]",
         help=f"variants to compare in this process: {', '.join(VARIANTS)}")
     add("--repeats", type=int, default=3, help="ablation rounds (default 3)")
@@ -128,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--skip", type=comma_list(SKIPPABLE), default=[], metavar="PART[,PART]",
         help=f"leave out parts: {', '.join(SKIPPABLE)}")
     add("--no-record", action="store_true", help="print only; leave bench/results.md alone")
+    add("--results", metavar="PATH", help="append the rows to PATH instead of bench/results.md")
+    add("--json", metavar="PATH", help="also write every figure of the run to PATH as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
@@ -155,6 +165,8 @@ def command_line(args: argparse.Namespace, preset: str, batch: int, sample_batch
             "--loader-batches", str(args.loader_batches)]
     for override in run_overrides(args):
         argv += ["--override", override]
+    if args.compile_backend:
+        argv += ["--compile-backend", args.compile_backend]
     if args.ablate:
         argv += ["--ablate", ",".join(args.ablate), "--repeats", str(args.repeats)]
     if args.skip:
@@ -215,10 +227,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     quiet()
     device, peaks, reports = torch.device(args.device), {}, []
+    if args.compile_backend:  # DiffusionModule compiles with nn.Module.compile() and its defaults
+        torch.nn.Module.compile = functools.partialmethod(torch.nn.Module.compile, backend=args.compile_backend)
+    if args.results:
+        common.RESULTS = Path(args.results)
     for preset in args.presets:
         reports.append(measure_preset(preset, args, device, peaks))
         if not args.no_record:
             record_rows(reports[-1])
+        if args.json:  # after each preset: a later failure keeps the figures measured so far
+            Path(args.json).write_text(json.dumps([as_json(r) for r in reports], indent=1) + "\n")
     return reports
 
 

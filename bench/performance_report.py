@@ -11,6 +11,9 @@ A report is the dict that performance.measure_preset returns: ``preset``, ``devi
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from ablations import Ablation
 from device_peak import Peak
 from train_timing import TrainRun
@@ -64,6 +67,25 @@ def loader_line(loader: tuple[float, int] | None, run: TrainRun) -> str:
     rate, workers = loader
     return (f"data loading  {rate:.4g} images/s ({workers} workers) = x{rate / run.images_per_s:.3g} "
             "the training images/s (> 1: the loader keeps up)")
+
+
+def as_json(report: dict) -> dict:
+    """The report as plain numbers, with the derived figures (achieved FLOP/s, MFU, the share
+    of a step outside the UNet) spelled out."""
+    run, conv, mm = report["train"], report["conv"], report["matmul"]
+    train = {**dataclasses.asdict(run), "achieved_flops_per_s": run.achieved, "share_outside": run.share_outside,
+             "mfu_vs_conv": run.achieved / conv.flops_per_s, "mfu_vs_matmul": run.achieved / mm.flops_per_s}
+    sampling, loader = report.get("sampling"), report.get("loader")
+    return {
+        **{key: report[key] for key in ("preset", "device", "options", "command", "sampler")},
+        "torch": torch.__version__, "train": train,
+        "conv_peak": dataclasses.asdict(conv), "matmul_peak": dataclasses.asdict(mm),
+        "ablations": [{"name": a.name, "compares": a.compares, "baseline_images_per_s": a.baseline_rate,
+                       "variant_images_per_s": a.variant_rate, "ratio": a.ratio} for a in report["ablations"]],
+        "sampling": None if sampling is None else dict(zip(
+            ("images_per_s", "model_evaluations", "batch", "precision"), sampling, strict=True)),
+        "loader": None if loader is None else dict(zip(("images_per_s", "num_workers"), loader, strict=True)),
+    }
 
 
 def cell(text: str) -> str:

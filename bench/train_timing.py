@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion.data import SyntheticData
 from diffusion.training.run import build_module
 from diffusion.utils.host_memory import retain_freed_memory
 from step_costs import flops_per_image, peak_memory, reset_peak_memory, saved_activation_bytes
@@ -72,14 +73,13 @@ class RoundRobin(Dataset):
 
 
 def synthetic_loader(like, batch_size: int, length: int, device: torch.device) -> DataLoader:
-    """``length`` random batches of the shape and labels of the dataset ``like``, four of them
-    built once on the device and served round-robin: a step's time then holds no data
-    loading and no host-to-device copy."""
-    generator = torch.Generator().manual_seed(0)
-    shape = (batch_size, like.channels, like.image_size, like.image_size)
-    batches = [(torch.rand(shape, generator=generator).mul(2).sub(1).to(device),
-                torch.randint(0, like.num_classes or 1, (batch_size,), generator=generator).to(device))
-               for _ in range(4)]
+    """``length`` batches of `SyntheticData` (random 8-bit images) of the shape and labels of
+    the dataset ``like``, four of them built once on the device and served round-robin: a
+    step's time then holds no data loading and no host-to-device copy."""
+    source = SyntheticData(image_size=like.image_size, channels=like.channels, num_classes=like.num_classes,
+                           train_size=4 * batch_size, val_size=1, test_size=1, batch_size=batch_size)
+    source.setup()
+    batches = [(images.to(device), labels.to(device)) for images, labels in source.train_dataloader()]
     return DataLoader(RoundRobin(batches, length), batch_size=None)
 
 

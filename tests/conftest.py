@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,20 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def train_checkpoint(out: Path, overrides: list[str]) -> str:
+    """Train the composed ``train`` config with ``overrides`` into ``out`` (also the working
+    directory meanwhile); returns the path of its last.ckpt."""
+    from diffusion.training.run import train  # noqa: PLC0415  (Lightning only where a test trains)
+
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        train(compose_config("train", overrides, out))
+    finally:
+        os.chdir(cwd)
+    return str(out / "checkpoints" / "last.ckpt")
 
 
 @pytest.fixture

@@ -402,7 +402,7 @@ def test_hydra_instantiates_the_config():
     assert process.loss_type.value == "rescaled_mse" and process.rescale_timesteps
 
 
-def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
     torch.save(tiny_iddpm_state_dict(), tmp_path / "in.pt")
 
     def broken_save(obj, f, *args, **kwargs):
@@ -410,8 +410,9 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SystemExit) as exit_info:  # the command's one-line error, status 2
         main([str(tmp_path / "in.pt"), str(tmp_path / "out.ckpt"), *CLI_ARGS])
+    assert exit_info.value.code == 2 and "disk full" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["in.pt"]
 
 

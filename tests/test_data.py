@@ -160,9 +160,13 @@ def test_digits_rejects_bad_arguments(kwargs):
         D.DigitsData(**kwargs)
 
 
-def test_setup_rejects_batch_larger_than_train_split():
-    with pytest.raises(ValueError, match="fewer than batch_size=5000"):
-        D.DigitsData(batch_size=5000).setup()
+def test_a_batch_larger_than_the_train_split_shrinks_to_it_with_a_warning():
+    """A first run on a few of one's own images trains (issue "Reliability, round two")."""
+    data = D.DigitsData(batch_size=5000)
+    with pytest.warns(UserWarning, match="fewer than batch_size=5000: training batches will hold 1437"):
+        data.setup()
+    assert len(data.train_dataloader()) == 1 and data.train_dataloader().batch_size == 1437
+    assert data.test_dataloader().batch_sampler.batch_size == 5000  # evaluation keeps the batch size
 
 
 # ----------------------------------------------------------------------------- CIFAR-10

@@ -9,6 +9,7 @@ import csv
 import errno
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.jobs.errors import exit_on_user_error
 from diffusion.training.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
 from diffusion.training.run import train
 from diffusion.utils import atomic
@@ -61,11 +63,16 @@ def wait_for(path, process, timeout=240):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     process = start(out)
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return losses(uninterrupted_run)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -82,16 +89,24 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(uninterrupted, tmp_path
     assert losses(out) == uninterrupted, f"killed after step {killed_at}"
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_run_saves_exits_nonzero_and_prints_the_command_that_resumes_it(uninterrupted, tmp_path, signum):
+    """SIGTERM (pre-emption) and Ctrl-C save last.ckpt at the end of the step in progress,
+    exit with 128 + the signal number (a scheduler must not record a finished job), and print
+    the command that resumes; that very command finishes the run exactly."""
     out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
     process = start(out)
-    wait_for(out / "checkpoints" / "last.ckpt", process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-    assert saved >= 4
-    resumed = start(out, "ckpt_path=last")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    wait_for(last, process)
+    process.send_signal(signum)
+    assert process.wait(timeout=120) == 128 + signum
+    stderr = process.stderr.read()
+    saved = torch.load(last, weights_only=False)["global_step"]
+    assert saved >= 4 and f"stopped by {signum.name} at step {saved} of 24; saved {last}" in stderr, stderr[-2000:]
+    argv = shlex.split(stderr.strip().splitlines()[-1].removeprefix("resume with: "))
+    assert argv[:2] == ["python", "train.py"] and argv[-2:] == [f"hydra.run.dir={out}", "ckpt_path=last"]
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == uninterrupted
 
 
@@ -172,6 +187,58 @@ def test_a_nan_batch_under_the_stop_policy_names_it_keeps_the_checkpoint_and_res
     assert torch.load(last, weights_only=False)["global_step"] == 24
 
 
+@pytest.fixture
+def small_disk():
+    """``small_disk(folder, size)`` mounts a tmpfs of ``size`` bytes at ``folder`` (root in a
+    container can; elsewhere the test is skipped); unmounted afterwards."""
+    mounted = []
+
+    def mount(folder, size):
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()}); needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def train_until_error(compose_cfg, out, capsys, *extra):
+    """train(cfg) behind train.py's error path: (exit status, the last line of stderr)."""
+    cfg = compose_cfg("train", [*RUN, *extra], output_dir=out)
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        train(cfg)
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return exit_info.value.code, stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(
+        compose_cfg, uninterrupted_run, small_disk, tmp_path, capsys):
+    size = (uninterrupted_run / "checkpoints" / "last.ckpt").stat().st_size
+    out = tmp_path / "run"
+    folder = small_disk(out / "checkpoints", int(2.5 * size))  # room for step 4 and last.ckpt, not step 8
+    status, line = train_until_error(compose_cfg, out, capsys, "trainer.max_steps=12")
+    assert status == 2 and line.startswith(f"error: writing checkpoint {folder / 'step0000008.ckpt'} failed")
+    assert "No space left on device" in line and "hydra.run.dir" in line
+    assert sorted(os.listdir(folder)) == ["last.ckpt", "step0000004.ckpt"]  # no temporary file left
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_a_full_disk_for_the_metrics_is_one_line_naming_the_file(compose_cfg, small_disk, tmp_path, capsys):
+    out = tmp_path / "run"
+    page = os.sysconf("SC_PAGE_SIZE")
+    folder = small_disk(out / "csv", 16 * page)
+    (folder / "fill").write_bytes(bytes(15 * page))  # one page left: hparams.yaml takes it
+    status, line = train_until_error(compose_cfg, out, capsys, "trainer.max_steps=4")
+    assert status == 2 and line.startswith(f"error: No space left on device: {folder / 'metrics.csv'}")
+    assert sorted(os.listdir(folder)) == ["fill", "hparams.yaml"]  # nothing half-written
+
+
 INVALID = {
     "model.model_channels=48": "48",                        # not divisible by 32 GroupNorm groups
     "model.attention_resolutions=[3]": "resolution",        # never reached by the UNet
@@ -195,5 +262,14 @@ def test_invalid_config_fails_fast_naming_the_problem(compose_cfg, override):
     assert time.time() - started < 5
 
 
-FAULTS = {"sigkill": 2, "sigterm": 1, "failed write": 2, "nonfinite checkpoint": 1, "nan batch": 3,
-          "invalid config": len(INVALID)}
+FAULTS = {"sigkill": 2, "sigterm and sigint": 2, "failed write": 2, "full disk": 2, "nonfinite checkpoint": 1,
+          "nan batch": 3, "invalid config": len(INVALID)}
+
+
+def test_atomic_writes_give_the_mode_of_an_ordinary_file(tmp_path):
+    """mkstemp's temporary is 0600; the written file must be readable as open() would make it."""
+    atomic.atomic_save_json(str(tmp_path / "a.json"), {"x": 1})
+    with open(tmp_path / "b.json", "w") as handle:
+        handle.write("{}")
+    mode = (tmp_path / "b.json").stat().st_mode & 0o777
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode and mode & 0o044  # readable by others

@@ -19,9 +19,8 @@ from diffusion.jobs import sample as sample_job
 from diffusion.jobs.evaluate import evaluate
 from diffusion.jobs.sample import sample
 from diffusion.process.analytic import GaussianDataDenoiser
-from diffusion.training.run import train
 
-from conftest import REPO, compose_config
+from conftest import REPO, train_checkpoint
 from test_sampling import assert_moments, chain_moments
 from test_train import TINY_RUN
 
@@ -29,16 +28,9 @@ from test_train import TINY_RUN
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A checkpoint of a 4-step run of a tiny UNet on the digits (T = 50, cosine)."""
-    out = tmp_path_factory.mktemp("tiny_run")
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        cfg = compose_config("train", [*TINY_RUN, "trainer.max_steps=4", "test_after_fit=false",
-                                       "trainer.limit_val_batches=0", "~callbacks.sample_grid"], out)
-        train(cfg)
-    finally:
-        os.chdir(cwd)
-    return str(out / "checkpoints" / "last.ckpt")
+    return train_checkpoint(tmp_path_factory.mktemp("tiny_run"), [
+        *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
+        "~callbacks.sample_grid"])
 
 
 def sample_cfg(compose_cfg, tmp_path, *overrides):
@@ -86,7 +78,7 @@ def test_interrupted_sampling_keeps_finished_shards(compose_cfg, tiny_ckpt, tmp_
     with pytest.raises(KeyboardInterrupt):
         sample(cfg)
     npz, _, shards = sample_job.output_paths(cfg, (1, 8, 8))
-    assert not os.path.exists(npz) and os.listdir(shards) == ["batch_000000.npz"]
+    assert not os.path.exists(npz) and sorted(os.listdir(shards)) == ["batch_000000.npz", "manifest.json"]
 
     monkeypatch.setattr(sample_job, "sample_batch", original)
     resumed = np.load(sample(cfg)["npz"])["arr_0"]

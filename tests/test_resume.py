@@ -19,6 +19,12 @@ def losses(folder):
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
+def epoch_rows(folder):
+    """The epoch-level rows of metrics.csv: the loss per quarter of the t range, by step."""
+    rows = csv.DictReader(open(folder / "csv" / "metrics.csv"))
+    return {int(r["step"]): [r[f"train/loss_q{q}"] for q in range(4)] for r in rows if r.get("train/loss_q0")}
+
+
 def run(compose_cfg, out, steps, batch, every, extra=()):
     cfg = compose_cfg("train", [
         *TINY_RUN, f"trainer.max_steps={steps}", f"data.batch_size={batch}", "trainer.val_check_interval=1000",
@@ -39,6 +45,9 @@ def test_resumed_run_repeats_the_uninterrupted_losses(compose_cfg, tmp_path, bat
     after = {s: v for s, v in full.items() if s >= stop}
     assert len(after) == total - stop
     assert {s: resumed[s] for s in after} == after  # exact equality, every step
+    # The epoch-level means of the epoch that spans the resume include the steps before it.
+    full_epochs, resumed_epochs = epoch_rows(tmp_path / "full"), epoch_rows(tmp_path / "resumed")
+    assert resumed_epochs and resumed_epochs == {s: v for s, v in full_epochs.items() if s >= stop}
     last = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("full", "resumed")]
     assert last[0]["global_step"] == last[1]["global_step"] == total
     ema_full, ema_resumed = last[0]["ema"], last[1]["ema"]

@@ -31,6 +31,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from torch import nn
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
@@ -136,23 +137,30 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict with state_dict and "
+            "hyper_parameters); pass a checkpoint written by train.py or python -m diffusion.convert"
+        )
+    return checkpoint
 
 
 def select_weights(checkpoint: dict[str, Any], weights: str, path: str) -> tuple[dict[str, torch.Tensor], str]:
     """The UNet state dict for ``weights``: "ema" (the first rate), "raw", or a rate like "0.999"."""
     ema = checkpoint.get("ema") or {}
     if weights == "raw" or (weights == "ema" and not ema):
+        if not isinstance(checkpoint.get("state_dict"), dict):
+            raise CheckpointError(f"{path} holds no state_dict (the network's weights); it is not a complete checkpoint")
         state = {k[len(MODEL_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
         return state, "raw"
     key = next(iter(ema)) if weights == "ema" else str(weights)
     if key not in ema:
-        raise CheckpointError(
-            f"weights={weights!r} not in {path}; available: raw, ema, " + ", ".join(sorted(ema))
-        )
+        available = ", ".join(["raw", "ema", *sorted(ema)]) if ema else "raw (it holds no EMA weights)"
+        raise CheckpointError(f"weights={weights!r} not in {path}; available: {available}")
     return ema[key], f"ema_{key}"
 
 
@@ -173,21 +181,36 @@ def run_config(checkpoint: dict[str, Any], path: str) -> tuple[dict[str, Any], d
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     config = hparams.get("run_config") or hparams.get("config")
     if not config or "model" not in config or "diffusion" not in config:
+        bare = bool(checkpoint) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        hint = ("it is a bare state dict: convert an improved-diffusion model with python -m diffusion.convert"
+                if bare else "expected a checkpoint written by train.py or python -m diffusion.convert")
         raise CheckpointError(
-            f"{path} holds no run config (hyper_parameters.run_config with model and diffusion); "
-            "expected a checkpoint written by train.py or python -m diffusion.convert"
+            f"{path} holds no run config (hyper_parameters.run_config with model and diffusion); {hint}"
         )
     data = config.get("data") or {}
     for key, legacy in (("image_size", "image_size"), ("in_channels", "channels"), ("num_classes", "num_classes")):
         hparams.setdefault(key, data.get(legacy))
+    absent = [key for key in ("image_size", "in_channels") if hparams.get(key) is None]
+    if absent:
+        raise CheckpointError(f"{path} does not say the data's {' and '.join(absent)} (hyper_parameters); "
+                              "it is not a complete checkpoint")
     return _current_targets(dict(config)), hparams
+
+
+def build_diffusion(config: dict[str, Any], path: str) -> GaussianDiffusion:
+    """The process of a run config (its ``diffusion`` entry); CheckpointError if it cannot be built."""
+    try:
+        return hydra.utils.instantiate(config["diffusion"])
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise CheckpointError(f"{path}: the run config's diffusion cannot be built: {cause}") from cause
 
 
 def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
     """Rebuild the UNet and the process from a checkpoint, with the chosen weights, in eval mode."""
     checkpoint = read_checkpoint(path)
     config, hparams = run_config(checkpoint, path)
-    diffusion = hydra.utils.instantiate(config["diffusion"])
+    diffusion = build_diffusion(config, path)
     unet_config, _ = split_model_config(config["model"])  # the jobs choose their own run-time options
     model = build_unet(
         hydra.utils.instantiate(unet_config, _partial_=True), diffusion,

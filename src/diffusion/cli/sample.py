@@ -8,11 +8,18 @@
 import hydra
 from omegaconf import DictConfig
 
-from diffusion.jobs.errors import exit_on_user_error
+from diffusion.jobs.errors import exit_on_user_error, run_entry_point
 from diffusion.jobs.sample import sample
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion.configs", config_name="sample")
-def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
+def run(cfg: DictConfig) -> None:
+    # Inside the job too, so that Hydra adds no "Error executing job" line of its own.
+    with exit_on_user_error(ValueError):
         sample(cfg)
+
+
+def main() -> None:
+    """Through the one error path (`diffusion.jobs.errors`): a user error, Hydra's (an unknown
+    ``sampler=``) included, is one line on stderr and exit status 2."""
+    run_entry_point(run, ValueError)  # every ValueError of the jobs is an input check

@@ -18,6 +18,7 @@ _EXPORTS = {
     "CelebAData": "diffusion.data.image_data",
     "ImageNet64Data": "diffusion.data.image_data",
     "ImageFolderData": "diffusion.data.image_data",
+    "SyntheticData": "diffusion.data.image_data",
     "DataModule": "diffusion.data.module",
     "ResumableDataLoader": "diffusion.data.loader",
     "digits_images": "diffusion.data.digits",

@@ -131,6 +131,37 @@ def read_celeba_partition(path: Path) -> list[tuple[str, int]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- synthetic
+class RandomImages(Dataset):
+    """``length`` images of independent, uniformly random 8-bit pixels of shape ``shape``
+    (C, H, W), already in the model's range (k -> 2k/255 - 1), with uniform labels in
+    0..num_classes-1 (all 0 when ``num_classes`` is None).
+
+    Item i comes from a generator seeded with (``entropy``, i) alone, so it is the same in
+    any order, in any DataLoader worker and on any machine, and nothing is read from disk.
+    Uniform 8-bit pixels carry exactly 8 bits/dim, so any likelihood bound on them is at
+    least 8 bits/dim: a reference for a bits/dim measurement, not data to learn from.
+    """
+
+    def __init__(self, length: int, shape: Sequence[int], num_classes: int | None,
+                 entropy: Sequence[int]):
+        self.length, self.shape, self.num_classes = length, tuple(shape), num_classes
+        self.entropy = [int(e) for e in entropy]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} is outside 0..{self.length - 1}")
+        # 64 bits of seed: 32 would repeat an image within ~10^5 items (birthday bound).
+        seed = np.random.SeedSequence([*self.entropy, index]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        pixels = torch.randint(0, 256, self.shape, generator=generator, dtype=torch.uint8)
+        label = 0 if self.num_classes is None else int(torch.randint(self.num_classes, (), generator=generator))
+        return pixels.float() / 127.5 - 1, label  # 8-bit k -> 2k/255 - 1
+
+
 # ----------------------------------------------------------------------------- ImageNet 64x64
 IMAGENET64_SHAPE = (3, 64, 64)  # each row of 'data' is the R, G and B planes, 64x64 each
 
@@ -264,6 +295,7 @@ class ImageVerifier:
 
     def __init__(self, on_bad_image: str):
         self.on_bad_image = on_bad_image
+        self.skipped = 0  # unreadable files left out
 
     def __call__(self, path: str) -> bool:
         if not has_file_allowed_extension(path, IMG_EXTENSIONS):
@@ -276,6 +308,7 @@ class ImageVerifier:
             if self.on_bad_image == "raise":
                 raise RuntimeError(f"{message} (set on_bad_image=skip to leave it out)") from err
             warnings.warn(f"skipping {message}", stacklevel=2)
+            self.skipped += 1
             return False
         return True
 
@@ -336,5 +369,14 @@ def open_image_folder(root: Path, mode: str, on_bad_image: str) -> ImageFolder:
     """The torchvision ImageFolder for ``mode``, its unreadable files dealt with."""
     verifier = ImageVerifier(on_bad_image)
     if mode == "subfolders":
-        return ImageFolder(str(root), is_valid_file=verifier, allow_empty=True)
-    return NamedImageFolder(root, use_prefix=mode == "prefix", is_valid_file=verifier)
+        folder = ImageFolder(str(root), is_valid_file=verifier, allow_empty=True)
+    else:
+        folder = NamedImageFolder(root, use_prefix=mode == "prefix", is_valid_file=verifier)
+    folder.skipped = verifier.skipped
+    return folder
+
+
+def skipped_note(folder: ImageFolder) -> str:
+    """``" (N unreadable files skipped)"`` after `open_image_folder` left some out, else ``""``."""
+    skipped = getattr(folder, "skipped", 0)
+    return f" ({skipped} unreadable file(s) skipped)" if skipped else ""

@@ -10,13 +10,15 @@ without Lightning.
 Splits are fixed: held-out parts are drawn with a seed of their own (``split_seed``), never
 from the global RNG, so two runs (or a run and its evaluation) see the same images. Training
 batches are shuffled, flipped where the dataset allows it, and ``drop_last``; validation and
-test batches are neither shuffled nor flipped.
+test batches are neither shuffled nor flipped, and under DDP each process evaluates its
+share of them, every image once (`diffusion.data.loader.ShardedBatches`).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from functools import cached_property
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from diffusion.data import datasets as ds
 from diffusion.data.digits import digits_split, digits_uint8
-from diffusion.data.loader import ResumableDataLoader
+from diffusion.data.loader import ResumableDataLoader, ShardedBatches
 
 
 class ImageData:
@@ -62,9 +64,14 @@ class ImageData:
         if self.train_set is not None:
             return  # all three splits are built at once, whatever the stage
         train, val, test = self.build_splits()
+        if len(train) == 0:
+            raise ValueError("the training split is empty: the dataset has no images to train on")
         if len(train) < self.batch_size:
-            raise ValueError(f"the training split has {len(train)} images, fewer than batch_size="
-                             f"{self.batch_size}: with drop_last no batch would be produced")
+            # A first run on a few of one's own images should train, not fail on the default.
+            warnings.warn(f"the training split has {len(train)} images, fewer than batch_size="
+                          f"{self.batch_size}: training batches will hold {len(train)} (set "
+                          f"data.batch_size={len(train)} or less to choose)", stacklevel=2)
+        self.train_batch_size = min(self.batch_size, len(train))
         self.train_set, self.val_set, self.test_set = train, val, test
         # The shuffling seed: the run's seed (set by seed_everything before set-up).
         self.shuffle_seed = torch.initial_seed()
@@ -85,8 +92,10 @@ class ImageData:
                        persistent_workers=self.persistent_workers and self.num_workers > 0)
         if train:
             # The order is drawn from the run's seed and resumes mid-epoch (training/resume.py).
-            return ResumableDataLoader(dataset, seed=self.shuffle_seed, **options)
-        return DataLoader(dataset, shuffle=False, drop_last=False, **options)
+            return ResumableDataLoader(dataset, seed=self.shuffle_seed, **{**options, "batch_size": self.train_batch_size})
+        # In order, every image once; under torch.distributed each rank takes its share.
+        batch_size = options.pop("batch_size")
+        return DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size), **options)
 
 
 class DigitsData(ImageData):
@@ -333,7 +342,7 @@ class ImageFolderData(ImageData):
     def label_mode(self) -> str:
         """``labels`` with ``auto`` resolved from the folder's layout."""
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
+            raise FileNotFoundError(f"image folder {self.root} does not exist (set data.root to a folder of images)")
         mode = ds.resolve_label_mode(self.root, self.labels)
         if mode == "subfolders" and not ds.has_class_folders(self.root):
             raise ValueError(f"labels=subfolders, but {self.root} has no sub-folders; "
@@ -352,6 +361,10 @@ class ImageFolderData(ImageData):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         folder = ds.open_image_folder(self.root, self.label_mode, self.on_bad_image)
         n = len(folder)
+        if n < 3:  # one image each, at least, for training, validation and test
+            raise ValueError(f"image folder {self.root} holds {n} readable image(s){ds.skipped_note(folder)}; "
+                             f"training needs at least 3 (one each for training, validation and test) "
+                             f"of the types {', '.join(ds.IMG_EXTENSIONS)}, at any depth")
         held_out = [max(1, round(f * n)) for f in (self.val_fraction, self.test_fraction)]
         train_idx, val_idx, test_idx = ds.split_indices(n, held_out, self.split_seed)
         geometric = [v2.Resize(self.image_size, interpolation=InterpolationMode.BICUBIC,
@@ -361,6 +374,39 @@ class ImageFolderData(ImageData):
         return (ds.TransformedSubset(folder, train_idx, train_tf),
                 ds.TransformedSubset(folder, val_idx, eval_tf),
                 ds.TransformedSubset(folder, test_idx, eval_tf))
+
+
+class SyntheticData(ImageData):
+    """Random 8-bit images of any shape, made on the fly: no download, no disk reads.
+
+    For measuring and testing the machinery (throughput, memory, a GPU's or a cluster's
+    set-up) at a real dataset's shape, CIFAR-10's by default. Each split is
+    `datasets.RandomImages` seeded with (``seed``, split number), so every image is fixed
+    by the seed; pixels are uniform over the 256 levels (exactly 8 bits/dim of entropy, a
+    floor for any bits/dim reported on them) and labels uniform over ``num_classes``
+    (None: unlabelled, labels 0).
+    """
+
+    def __init__(self, *, image_size: int = 32, channels: int = 3, num_classes: int | None = 10,
+                 train_size: int = 50000, val_size: int = 1000, test_size: int = 10000,
+                 seed: int = 0, batch_size: int = 128, num_workers: int = 0,
+                 pin_memory: bool = False, persistent_workers: bool = False):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)
+        sizes = {"image_size": image_size, "channels": channels, "train_size": train_size,
+                 "val_size": val_size, "test_size": test_size}
+        if num_classes is not None:
+            sizes["num_classes"] = num_classes
+        wrong = [f"{name}={value}" for name, value in sizes.items() if not isinstance(value, int) or value < 1]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: must be positive integers (num_classes may be null)")
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.sizes, self.seed = (train_size, val_size, test_size), seed
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        shape = (self.channels, self.image_size, self.image_size)
+        return tuple(ds.RandomImages(n, shape, self.num_classes, entropy=(self.seed, split))
+                     for split, n in enumerate(self.sizes))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -4,6 +4,7 @@
 counts the batches it has handed out, and implements ``state_dict``/``load_state_dict``,
 which Lightning saves with the fit loop and restores, so that a resumed run sees the same
 batches as the uninterrupted one (see `diffusion.training.resume` for the random state).
+`ShardedBatches` splits the validation and test batches across processes, each image once.
 Plain torch: nothing here imports Lightning.
 """
 
@@ -77,3 +78,38 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.fetched, self.trained = int(state["epoch"]), int(state["batches"]), int(state["batches"])
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """The evaluation order, split across processes without repeating an image.
+
+    The batches are those of a single process, consecutive ``batch_size`` indices (the last
+    one shorter), and global batch i goes to rank i % world_size. Every image is evaluated
+    exactly once: DistributedSampler would pad the split by repeating images, biasing a
+    mean over it. And each batch is the one a single process sees, so a quantity drawn per
+    batch from a seed (`global_batch_index`) comes out the same on any number of processes.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_batches = -(-num_samples // batch_size)  # ceil
+
+    def __len__(self) -> int:
+        world, rank = _replicas()
+        return len(range(rank, self.num_batches, world))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        world, rank = _replicas()
+        if self.num_batches < world:  # a rank without a batch would wait forever for the others
+            raise ValueError(f"{self.num_samples} images in batches of {self.batch_size} make "
+                             f"{self.num_batches} batches, fewer than the {world} processes: "
+                             "use a smaller batch_size or fewer processes")
+        for i in range(rank, self.num_batches, world):
+            yield list(range(i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)))
+
+
+def global_batch_index(batch_idx: int) -> int:
+    """The index among all processes' batches of this process's ``batch_idx``-th evaluation
+    batch (`ShardedBatches`): what a single process would call it."""
+    world, rank = _replicas()
+    return batch_idx * world + rank

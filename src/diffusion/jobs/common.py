@@ -19,23 +19,53 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from diffusion.utils.errors import ConfigError
+
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 def resolve_devices(device: str, num_devices: int = 1) -> list[str]:
-    """``auto`` is CUDA when present, else the CPU; ``num_devices=-1`` takes every GPU."""
+    """``auto`` is CUDA when present, else the CPU; ``num_devices=-1`` takes every GPU.
+    A device that is malformed or not there is a ConfigError naming ``device``/``num_devices``."""
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices == 0 or num_devices < -1:
+        raise ConfigError(f"num_devices={num_devices!r} must be -1 (every visible GPU) or an integer >= 1")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        available = torch.cuda.device_count()
-        count = available if num_devices == -1 else num_devices
-        if count > available:
-            raise ValueError(f"num_devices={num_devices} but only {available} CUDA device(s) are visible")
-        return [f"cuda:{i}" for i in range(count)]
+    kind = _device_type(device)
+    if kind == "cuda":
+        return _cuda_devices(device, num_devices)
     if num_devices not in (1, -1):
-        raise ValueError(f"num_devices={num_devices} needs device=cuda (or auto with GPUs); got device={device!r}")
-    torch.device(device)  # raises on a malformed name
+        raise ConfigError(f"num_devices={num_devices} needs device=cuda (or auto with GPUs); got device={device!r}")
+    backend = getattr(torch, kind, None)  # torch.mps, torch.xpu, ...: only where they are present
+    if kind != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ConfigError(f"device={device!r} is not available here; use device=cpu, cuda or auto")
     return [device]
+
+
+def _device_type(device: str) -> str:
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+
+
+def _cuda_devices(device: str, num_devices: int) -> list[str]:
+    available = torch.cuda.device_count()
+    if available == 0:
+        raise ConfigError(f"device={device} but no CUDA device is visible; use device=cpu (or auto)")
+    index = torch.device(device).index
+    if index is not None:  # one chosen GPU
+        if index >= available:
+            raise ConfigError(f"device={device} but only {available} CUDA device(s) are visible "
+                              f"(cuda:0 to cuda:{available - 1})")
+        if num_devices not in (1, -1):
+            raise ConfigError(f"num_devices={num_devices} with device={device}: name no index "
+                              "(device=cuda) to split the batches over several GPUs")
+        return [device]
+    count = available if num_devices == -1 else num_devices
+    if count > available:
+        raise ConfigError(f"num_devices={num_devices} but only {available} CUDA device(s) are visible")
+    return [f"cuda:{i}" for i in range(count)]
 
 
 def autocast_for(device: torch.device, precision: str | int) -> contextlib.AbstractContextManager:

@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
-from diffusion.data.digits import digits_images
-from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator, evaluate_bpd
+from diffusion.evaluation import evaluate_bpd
+from diffusion.jobs.checks import check_evaluate_settings, check_respacing, check_samples_npz
 from diffusion.jobs.common import (
     autocast_network,
     batch_generator,
@@ -28,7 +28,9 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.sample import sample
-from diffusion.utils.atomic import atomic_save_json
+from diffusion.utils.atomic import atomic_save_json, remove_stale_temporaries
+from diffusion.utils.checks import require_writable_dir
+from diffusion.utils.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,24 @@ def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
 
 
 def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict[str, Any]:
-    samples = cfg.samples or sample(cfg, loaded)["npz"]  # the sample job, with this config's sampler
-    if not os.path.isfile(samples):
-        raise FileNotFoundError(f"samples file not found: {samples}")
     datamodule_cfg = cfg.get("data") or loaded.config.get("data") or {}
     is_digits = str(datamodule_cfg.get("_target_", "")).endswith("DigitsData")
+    # Everything the metric needs, checked before the (long) sampling.
+    if cfg.samples:
+        check_samples_npz(cfg.samples, loaded.image_shape)
+    require_writable_dir("cache_dir", cfg.cache_dir)
+    # Imported here: torchmetrics (with scipy) and torchvision's transforms take seconds to
+    # import, which metric=nll and every early error would pay for nothing.
+    from diffusion.data.digits import digits_images
+    from diffusion.evaluation.fid import (
+        DigitsFeatureExtractor,
+        FIDEvaluator,
+        check_inception_weights,
+    )
+
+    if not is_digits:
+        check_inception_weights(cfg.inception_weights)
+    samples = cfg.samples or sample(cfg, loaded)["npz"]  # the sample job, with this config's sampler
     if is_digits:
         extractor = DigitsFeatureExtractor.load_or_fit(cfg.cache_dir)
         evaluator = FIDEvaluator(extractor, cache_dir=cfg.cache_dir, device=device)
@@ -103,14 +118,19 @@ METRICS = {"nll": nll, "fid": fid}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.metric not in METRICS:
-        raise ValueError(f"metric={cfg.metric!r} is not one of {list(METRICS)}")
+    """Run the job into ``<output_dir>/<metric>.json``, written atomically once the metric is
+    done (a killed run leaves none), with the output folder locked (`diffusion.utils.lock`)."""
+    check_evaluate_settings(cfg, METRICS)  # every setting, before anything is read or written
+    device = torch.device(resolve_devices(cfg.device, cfg.num_devices)[0])
     loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
-    device = torch.device(resolve_devices(cfg.device)[0])
-    results = METRICS[cfg.metric](cfg, loaded, device)
-    results.update(ckpt=os.path.abspath(cfg.ckpt), weights=loaded.weights, metric=cfg.metric,
-                   global_step=loaded.global_step)
-    path = os.path.join(cfg.output_dir, f"{cfg.metric}.json")
-    atomic_save_json(path, results)
+    if cfg.metric == "nll":
+        check_respacing(cfg.respacing, loaded)
+    path = os.path.join(require_writable_dir("output_dir", cfg.output_dir), f"{cfg.metric}.json")
+    with folder_lock(cfg.output_dir):
+        remove_stale_temporaries(os.path.dirname(path), [os.path.basename(path)])  # of a killed run
+        results = METRICS[cfg.metric](cfg, loaded, device)
+        results.update(ckpt=os.path.abspath(cfg.ckpt), weights=loaded.weights, metric=cfg.metric,
+                       global_step=loaded.global_step)
+        atomic_save_json(path, results)
     log.info("wrote %s", path)
     return results

@@ -25,16 +25,25 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
+from diffusion.jobs.checks import (
+    build_sampler,
+    check_class_labels,
+    check_sample_settings,
+    check_sampler,
+)
 from diffusion.jobs.common import (
     autocast_network,
     batch_generator,
     images_progress,
     resolve_devices,
 )
+from diffusion.jobs.shards import open_shard_dir, remove_shard_dir, shard_key, shard_path
 from diffusion.sampling import Sampler
-from diffusion.sampling.guidance import NULL_LABEL_KEY, check_guidance
-from diffusion.utils.atomic import atomic_savez
+from diffusion.sampling.guidance import NULL_LABEL_KEY
+from diffusion.utils.atomic import atomic_savez, remove_stale_temporaries
+from diffusion.utils.checks import UnwritableError, require_writable_dir
 from diffusion.utils.images import save_image_grid, to_uint8
+from diffusion.utils.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +55,13 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
 
 def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: int,
                  generator: torch.Generator) -> torch.Tensor | None:
-    """Labels of batch ``index``: given ones cycled in order, or uniformly random."""
+    """Labels of batch ``index``: given ones cycled in order, or uniformly random. (The job
+    checked the given ones against the checkpoint's classes: `check_class_labels`.)"""
     if loaded.num_classes is None:
-        if cfg.class_labels is not None:
-            raise ValueError("class_labels were given but the checkpoint's model is unconditional")
         return None
     if cfg.class_labels is None:
         return torch.randint(0, loaded.num_classes, (size,), generator=generator, device=generator.device)
     given = [cfg.class_labels] if isinstance(cfg.class_labels, int) else list(cfg.class_labels)
-    bad = [c for c in given if not 0 <= int(c) < loaded.num_classes]
-    if bad:
-        raise ValueError(f"class_labels {bad} outside 0..{loaded.num_classes - 1}")
     start = index * cfg.batch_size
     return torch.tensor([given[(start + j) % len(given)] for j in range(size)], device=generator.device)
 
@@ -88,10 +93,6 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def shard_path(shard_dir: str, index: int) -> str:
-    return os.path.join(shard_dir, f"batch_{index:06d}.npz")
-
-
 def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, progress_queue=None,
                 loaded: LoadedCheckpoint | None = None, sampler: Sampler | None = None) -> None:
     """Worker: the batches ``rank, rank + n, ...`` on ``devices[rank]``, each saved as a shard.
@@ -107,7 +108,9 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
             continue
-        atomic_savez(shard_path(shard_dir, index), **sample_batch(cfg, loaded, sampler, index, size, device))
+        arrays = sample_batch(cfg, loaded, sampler, index, size, device)
+        with explain_write_failure(shard_path(shard_dir, index), shard_dir):
+            atomic_savez(shard_path(shard_dir, index), **arrays)
         if progress_queue is not None:
             progress_queue.put(size)
 
@@ -120,44 +123,83 @@ def merge_shards(shard_dir: str, count: int) -> dict[str, np.ndarray]:
 def output_paths(cfg: DictConfig, image_shape: tuple[int, int, int]) -> tuple[str, str, str]:
     channels, height, width = image_shape
     stem = f"samples_{cfg.num_samples}x{height}x{width}x{channels}"
-    out_dir = cfg.output_dir
+    out_dir = os.path.expanduser(cfg.output_dir)
     return (os.path.join(out_dir, f"{stem}.npz"), os.path.join(out_dir, f"{stem}.png"),
             os.path.join(out_dir, f"{stem}_shards"))
 
 
 def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str, Any]:
     """Run the job; returns the paths written and the number of images. ``loaded``: the
-    checkpoint ``cfg.ckpt`` already loaded with ``cfg.weights`` (the evaluate job's)."""
-    if loaded is None:
-        loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)  # fail fast on a bad checkpoint
-    sampler = hydra.utils.instantiate(cfg.sampler)
-    sampler.check(loaded.diffusion)  # e.g. more steps than the process has
-    check_guidance(sampler.guidance_scale, conditional=loaded.num_classes is not None,
-                   null_label=null_label(loaded))  # fail before any worker starts
+    checkpoint ``cfg.ckpt`` already loaded with ``cfg.weights`` (the evaluate job's).
+    The output folder is locked for the run (`diffusion.utils.lock`): a second job writing
+    there is refused at once."""
+    loaded, sampler, devices = prepare(cfg, loaded)
     npz_path, grid_path, shard_dir = output_paths(cfg, loaded.image_shape)
-    os.makedirs(shard_dir, exist_ok=True)
-    sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
-    done = sum(s for i, s in enumerate(sizes) if os.path.exists(shard_path(shard_dir, i)))
-    if done:
-        log.info("resuming: %d of %d images already in %s", done, cfg.num_samples, shard_dir)
-    devices = resolve_devices(cfg.device, cfg.num_devices)
-    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    with images_progress(cfg.num_samples, done, "sampling", enabled=cfg.progress) as advance:
-        if len(devices) == 1:
-            queue = _CallbackQueue(advance)
-            run_batches(0, cfg_yaml, devices, shard_dir, queue, loaded=loaded, sampler=sampler)
-        else:
-            _run_on_devices(cfg_yaml, devices, shard_dir, advance)
-    arrays = merge_shards(shard_dir, len(sizes))
-    atomic_savez(npz_path, **arrays)
-    grid = torch.from_numpy(arrays["arr_0"][: cfg.grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    save_image_grid(grid, grid_path)
-    for i in range(len(sizes)):
-        os.remove(shard_path(shard_dir, i))
-    with contextlib.suppress(OSError):
-        os.rmdir(shard_dir)
+    require_writable_dir("output_dir", cfg.output_dir)
+    with folder_lock(cfg.output_dir):
+        remove_stale_temporaries(os.path.dirname(npz_path), [os.path.basename(npz_path), os.path.basename(grid_path)])
+        key = shard_key(cfg, loaded, torch.device(devices[0]).type)
+        open_shard_dir(shard_dir, key, cfg.ckpt)
+        sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
+        done = sum(s for i, s in enumerate(sizes) if os.path.exists(shard_path(shard_dir, i)))
+        if done:
+            log.info("resuming: %d of %d images already in %s", done, cfg.num_samples, shard_dir)
+        cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        with images_progress(cfg.num_samples, done, "sampling", enabled=cfg.progress) as advance:
+            if len(devices) == 1:
+                queue = _CallbackQueue(advance)
+                run_batches(0, cfg_yaml, devices, shard_dir, queue, loaded=loaded, sampler=sampler)
+            else:
+                _run_on_devices(cfg_yaml, devices, shard_dir, advance)
+        arrays = merge_shards(shard_dir, len(sizes))
+        write_outputs(arrays, npz_path, grid_path, cfg.grid_size, shard_dir)
+        remove_shard_dir(shard_dir)
     log.info("wrote %s (%d images, %s weights) and %s", npz_path, len(arrays["arr_0"]), loaded.weights, grid_path)
     return {"npz": npz_path, "grid": grid_path, "num_images": int(len(arrays["arr_0"])), "weights": loaded.weights}
+
+
+def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[LoadedCheckpoint, Sampler, list[str]]:
+    """Check every setting, load the checkpoint and build the sampler: all that the user's
+    input can fail, before anything is written. Returns (checkpoint, sampler, devices)."""
+    check_sample_settings(cfg)
+    devices = resolve_devices(cfg.device, cfg.num_devices)
+    sampler = build_sampler(cfg.sampler)
+    if loaded is None:
+        loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+    check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
+    check_class_labels(cfg.class_labels, loaded.num_classes)
+    return loaded, sampler, devices
+
+
+def write_outputs(arrays: dict[str, np.ndarray], npz_path: str, grid_path: str, grid_size: int,
+                  shard_dir: str) -> None:
+    """The npz and its grid, both or neither: when a write fails (a full disk) the npz just
+    written is removed again, and the shards stay for a rerun to finish from."""
+    with explain_write_failure(npz_path, shard_dir):
+        atomic_savez(npz_path, **arrays)
+    grid = torch.from_numpy(arrays["arr_0"][:grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC -> NCHW
+    try:
+        with explain_write_failure(grid_path, shard_dir):
+            save_image_grid(grid, grid_path)
+    except UnwritableError:
+        with contextlib.suppress(OSError):
+            os.remove(npz_path)
+        raise
+
+
+@contextlib.contextmanager
+def explain_write_failure(path: str, shard_dir: str):
+    """An OSError while writing ``path`` (no space, a read-only folder) as an
+    `UnwritableError` that says the finished shards are kept and how to go on."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise UnwritableError(
+            f"writing {path} failed ({reason}); "
+            f"the finished batches are kept in {shard_dir}: free space (or fix the folder) and rerun "
+            "the same command to finish"
+        ) from err
 
 
 class _CallbackQueue:

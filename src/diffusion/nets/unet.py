@@ -63,6 +63,29 @@ def default_channel_mult(image_size: int) -> tuple[int, ...]:
     return DEFAULT_CHANNEL_MULT[image_size]
 
 
+# improved-diffusion's attention_resolutions default "16,8": the 16x16 and 8x8 feature maps.
+DEFAULT_ATTENTION_RESOLUTIONS = (16, 8)
+
+
+def default_attention_resolutions(image_size: int, channel_mult: Sequence[int]) -> tuple[int, ...]:
+    """Attention where IDDPM puts it, on any image size: at the 16x16 and 8x8 levels that the
+    UNet reaches, but never at the full image size (attention costs the square of the
+    pixels); where neither remains (8x8 images: levels 8 and 4), at the lowest level alone."""
+    reached = [image_size // 2**level for level in range(len(channel_mult))]
+    return tuple(r for r in DEFAULT_ATTENTION_RESOLUTIONS if r in reached[1:]) or (reached[-1],)
+
+
+def effective_levels(
+    image_size: int, channel_mult: Sequence[int] | None, attention_resolutions: Sequence[int] | str | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(channel_mult, attention_resolutions) as the UNet uses them, a null replaced by the
+    default for ``image_size`` (`DEFAULT_CHANNEL_MULT`, `default_attention_resolutions`)."""
+    mult = default_channel_mult(image_size) if channel_mult is None else _int_tuple(channel_mult, "channel_mult")
+    if attention_resolutions is None:
+        return mult, default_attention_resolutions(image_size, mult)
+    return mult, _int_tuple(attention_resolutions, "attention_resolutions")
+
+
 def _int_tuple(value: Iterable[int] | str | int, name: str) -> tuple[int, ...]:
     """Plain ints from a list, tuple, Hydra ListConfig, a single int or a "16,8" string."""
     if isinstance(value, str):
@@ -86,7 +109,9 @@ class UNet(nn.Module):
         out_channels: in_channels, or 2 * in_channels when the variance is learned
             (mean part first).
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
-        attention_resolutions: feature-map sizes (pixels) that get self-attention.
+        attention_resolutions: feature-map sizes (pixels) that get self-attention; None:
+            IDDPM's 16 and 8 where the UNet reaches them below the image size, else its
+            lowest level (`default_attention_resolutions`).
         dropout: dropout rate inside the residual blocks.
         channel_mult: multipliers per level; None picks ``DEFAULT_CHANNEL_MULT[image_size]``.
         conv_resample: learned 3x3 convolutions in up/downsampling (else nearest / avg-pool).
@@ -111,7 +136,7 @@ class UNet(nn.Module):
         model_channels: int,
         out_channels: int,
         num_res_blocks: int,
-        attention_resolutions: Sequence[int] = (16, 8),
+        attention_resolutions: Sequence[int] | None = None,
         dropout: float = 0.0,
         channel_mult: Sequence[int] | None = None,
         conv_resample: bool = True,
@@ -125,12 +150,7 @@ class UNet(nn.Module):
         resblock_updown: bool = False,
     ):
         super().__init__()
-        channel_mult = (
-            default_channel_mult(image_size)
-            if channel_mult is None
-            else _int_tuple(channel_mult, "channel_mult")
-        )
-        attention_resolutions = _int_tuple(attention_resolutions, "attention_resolutions")
+        channel_mult, attention_resolutions = effective_levels(image_size, channel_mult, attention_resolutions)
         _validate(
             image_size, model_channels, num_res_blocks, channel_mult, attention_resolutions,
             num_classes, dropout,
@@ -330,29 +350,32 @@ def _validate(
 ) -> None:
     """Reject configurations that would fail (or silently differ) deep inside construction."""
     if not channel_mult or any(m < 1 for m in channel_mult):
-        raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult}")
+        raise ValueError(f"channel_mult={list(channel_mult)} must be a non-empty list of positive ints")
     factor = 2 ** (len(channel_mult) - 1)
     if image_size < 1 or image_size % factor:
         raise ValueError(
-            f"image_size={image_size} cannot be halved {len(channel_mult) - 1} times as "
-            f"channel_mult={channel_mult} needs: it must be divisible by {factor}"
+            f"channel_mult={list(channel_mult)} halves the image {len(channel_mult) - 1} times, but "
+            f"image_size={image_size} is not divisible by {factor}; use fewer levels than "
+            f"{channel_mult} or another image size"
         )
     for mult in channel_mult:
         if (model_channels * mult) % GROUP_NORM_GROUPS:
             raise ValueError(
-                f"model_channels * mult = {model_channels} * {mult} = {model_channels * mult} "
-                f"channels is not divisible by {GROUP_NORM_GROUPS} (the GroupNorm groups)"
+                f"model_channels={model_channels} gives model_channels * mult = {model_channels} * {mult} = "
+                f"{model_channels * mult} channels, not divisible by {GROUP_NORM_GROUPS} (the GroupNorm "
+                f"groups); use a multiple of {GROUP_NORM_GROUPS}"
             )
     if num_res_blocks < 1:
-        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        raise ValueError(f"num_res_blocks={num_res_blocks} must be an integer >= 1")
     reached = [image_size // 2**level for level in range(len(channel_mult))]
     unreached = [r for r in attention_resolutions if r not in reached]
     if unreached:
         raise ValueError(
-            f"attention_resolutions {unreached} are never reached by a UNet with "
-            f"image_size={image_size} and channel_mult={channel_mult}; it runs at {reached}"
+            f"attention_resolutions={list(attention_resolutions)}: {unreached} never reached by a UNet "
+            f"with image_size={image_size} and channel_mult={channel_mult}; it runs at {reached} "
+            "(null picks IDDPM's choice for the image size)"
         )
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        raise ValueError(f"num_classes={num_classes!r} must be a positive int or None")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise ValueError(f"dropout={dropout} must be a number in [0, 1)")

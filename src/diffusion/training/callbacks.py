@@ -78,7 +78,7 @@ class SampleGrid(L.Callback):
         self.dirpath = dirpath
         for name, value, low in (("every_n_steps", every_n_steps, 0), ("num_samples", num_samples, 1),
                                  ("ddim_steps", ddim_steps, 1)):
-            require_int(f"SampleGrid: {name}", value, low)
+            require_int(name, value, low)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.ddim_steps = ddim_steps
@@ -154,7 +154,7 @@ class SampleGrid(L.Callback):
         except ValueError as err:
             num_timesteps = diffusion.num_timesteps
             raise ValueError(
-                f"SampleGrid: ddim_steps={self.ddim_steps} does not fit the process's T={num_timesteps} "
+                f"ddim_steps={self.ddim_steps} does not fit the process's T={num_timesteps} "
                 f"steps ({err}); choose a count in 1..{num_timesteps} that DDIM's uniform skip can take"
             ) from None
 
@@ -193,7 +193,7 @@ class ProgressBar(RichProgressBar):
 
     def __init__(self, metrics_every_n_steps: int = 25, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        require_int("ProgressBar: metrics_every_n_steps", metrics_every_n_steps, 1)
+        require_int("metrics_every_n_steps", metrics_every_n_steps, 1)
         self.metrics_every_n_steps = metrics_every_n_steps
         self._shown: dict[str, Any] | None = None
 

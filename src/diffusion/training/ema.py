@@ -146,19 +146,19 @@ class EMA(L.Callback):
     ) -> None:
         super().__init__()
         if isinstance(decays, str):
-            raise ValueError(f"EMA: decays={decays!r} must be a number or a sequence of numbers in [0, 1]")
+            raise ValueError(f"decays={decays!r} must be a number or a sequence of numbers in [0, 1]")
         decays = (decays,) if isinstance(decays, (int, float)) else tuple(decays)
         if not decays:
-            raise ValueError("EMA: decays=() is empty; give at least one rate in [0, 1]")
+            raise ValueError("decays=() is empty; give at least one rate in [0, 1]")
         for decay in decays:
             if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-                raise ValueError(f"EMA: decay={decay!r} is not a number in [0, 1]")
+                raise ValueError(f"decays={list(decays)}: decay={decay!r} is not a number in [0, 1]")
         if len(set(map(float, decays))) != len(decays):
-            raise ValueError(f"EMA: decays={decays!r} repeats a rate; each rate must be distinct")
-        require_int("EMA: update_every_n_steps", update_every_n_steps, 1)
-        require_int("EMA: start_step", start_step, 0)
+            raise ValueError(f"decays={list(decays)} repeats a rate; each rate must be distinct")
+        require_int("update_every_n_steps", update_every_n_steps, 1)
+        require_int("start_step", start_step, 0)
         if not isinstance(attribute, str) or not attribute:
-            raise ValueError(f"EMA: attribute={attribute!r} must name a sub-module, e.g. 'model'")
+            raise ValueError(f"attribute={attribute!r} must name a sub-module, e.g. 'model'")
         self.decays = tuple(float(d) for d in decays)
         self.attribute = attribute
         self.update_every_n_steps = update_every_n_steps

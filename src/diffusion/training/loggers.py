@@ -1,4 +1,5 @@
-"""A CSV logger that survives resumes: earlier rows are kept, replayed steps replaced.
+"""A CSV logger that survives resumes and full disks: earlier rows are kept, replayed steps
+replaced, and the file is only ever replaced whole (temporary file, fsync, rename).
 
 Lightning's CSVLogger deletes ``metrics.csv`` when its folder is reused, so a run resumed
 in its own output folder would lose everything logged before the interruption. Here the
@@ -32,9 +33,26 @@ class ResumableExperimentWriter(ExperimentWriter):
         pass  # the parent deletes metrics.csv here; it stays until the merged file replaces it
 
     def save(self) -> None:
+        """Rewrite metrics.csv whole and atomically (`atomic_write`): a full disk or a crash
+        mid-write leaves the previous file with every earlier row. (Lightning appends in
+        place, and rewrites the file in place when a column appears.)"""
         if not self._merged and self.metrics:
             self._merge_previous(min(int(m["step"]) for m in self.metrics))
-        super().save()
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        rows = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        try:
+            with atomic_write(self.metrics_file_path, "w") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows([*rows, *self.metrics])
+        except OSError as err:  # name the file, not the temporary one
+            raise OSError(err.errno, err.strerror or str(err), self.metrics_file_path) from err
+        self.metrics = []
 
     def _merge_previous(self, first_new_step: int) -> None:
         kept = [row for row in self._previous if row.get("step") and int(row["step"]) < first_new_step]

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from diffusion.checkpoint import build_unet, prepare_network
+from diffusion.data.loader import global_batch_index
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
 from diffusion.process.likelihood import estimate_bpd
 from diffusion.process.resample import LossAwareSampler, create_named_schedule_sampler
@@ -27,6 +28,7 @@ ANNEALING = ("none", "linear", "cosine")
 # The loss-aware t-sampler learns from (t, loss) pairs gathered on the device and handed
 # to the host every this many steps (one transfer, not one synchronisation per step).
 LOSS_HISTORY_FLUSH_STEPS = 16
+SPLIT_MEANS = ("val/bpd", "val/decoder_bpd", "test/bpd", "test/prior_bpd", "test/decoder_bpd")
 
 
 def check_label_dropout(label_dropout: float, num_classes: int | None) -> None:
@@ -71,7 +73,9 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: linear learning-rate warm-up.
         anneal: ``"none"``, ``"linear"`` or ``"cosine"`` decay to 0 at the last step.
         val_seed: seeds the t and noise of the validation estimate, so that successive
-            validations compare the same terms.
+            validations compare the same terms, and the noise of the test bound; each
+            batch's draw depends on its index among all processes' batches, so a split
+            sharded across DDP ranks gives the single-process numbers.
         channels_last: run the UNet on NHWC activations (faster convolutions with oneDNN on
             CPUs and with tensor cores on GPUs).
         compile: ``torch.compile`` the UNet in place (``nn.Module.compile``: the state-dict
@@ -105,7 +109,7 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if anneal not in ANNEALING:
-            raise ValueError(f"anneal={anneal!r} is not one of {ANNEALING}")
+            raise ValueError(f"module.anneal={anneal!r} is not one of {ANNEALING}")
         check_label_dropout(label_dropout, num_classes)
         nonfinite = dict(nonfinite or {})  # a plain dict in the checkpoint's hyper-parameters
         self.save_hyperparameters(ignore=["model", "diffusion", "optimizer"])
@@ -127,6 +131,8 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         # Loss per quarter of the t range, accumulated on-device (no per-step sync).
         self.quarter_loss = nn.ModuleList(WeightedMean() for _ in range(4))
+        # Means over a whole validation or test split (see log_split_mean).
+        self.split_means = nn.ModuleDict({name.replace("/", "_"): WeightedMean() for name in SPLIT_MEANS})
 
     # ----------------------------------------------------------------------------- model
     def model_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -252,26 +258,37 @@ class DiffusionModule(L.LightningModule):
         (exact prior and decoder terms, stratified importance sampling of the others; see
         `diffusion.process.likelihood`), with the same t and noise at every validation."""
         x_start, labels = batch
-        generator = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         terms = estimate_bpd(
             self.diffusion, self.denoiser, x_start.float(), clip_denoised=True,
-            model_kwargs=self.model_kwargs(labels), generator=generator,
+            model_kwargs=self.model_kwargs(labels), generator=self.batch_generator(batch_idx),
         )
-        batch_size = x_start.shape[0]
-        self.log("val/bpd", terms["total_bpd"].mean(), prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("val/decoder_bpd", terms["decoder_bpd"].mean(), batch_size=batch_size, sync_dist=True)
+        self.log_split_mean("val/bpd", terms["total_bpd"], prog_bar=True)
+        self.log_split_mean("val/decoder_bpd", terms["decoder_bpd"])
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """The full bound: every term of DDPM eq. 5 (calc_bpd_loop), in bits/dim. The columns
         of ``vb`` run from t = T-1 down to t = 0, the decoder term (improved-diffusion order)."""
         x_start, labels = batch
         out = self.diffusion.calc_bpd_loop(
-            self.denoiser, x_start.float(), clip_denoised=True, model_kwargs=self.model_kwargs(labels)
+            self.denoiser, x_start.float(), clip_denoised=True, model_kwargs=self.model_kwargs(labels),
+            generator=self.batch_generator(batch_idx),
         )
-        batch_size = x_start.shape[0]
-        self.log("test/bpd", out["total_bpd"].mean(), batch_size=batch_size, sync_dist=True)
-        self.log("test/prior_bpd", out["prior_bpd"].mean(), batch_size=batch_size, sync_dist=True)
-        self.log("test/decoder_bpd", out["vb"][:, -1].mean(), batch_size=batch_size, sync_dist=True)
+        self.log_split_mean("test/bpd", out["total_bpd"])
+        self.log_split_mean("test/prior_bpd", out["prior_bpd"])
+        self.log_split_mean("test/decoder_bpd", out["vb"][:, -1])
+
+    def batch_generator(self, batch_idx: int) -> torch.Generator:
+        """A CPU generator (the same noise on any device) seeded by the batch's index among
+        all processes' evaluation batches, as a single process would number it."""
+        return torch.Generator().manual_seed(self.hparams.val_seed + global_batch_index(batch_idx))
+
+    def log_split_mean(self, name: str, values: torch.Tensor, **kwargs: Any) -> None:
+        """Log the mean of per-image ``values`` over the whole split: Σ and count summed
+        across DDP ranks, each image once (a rank's share may be smaller than another's),
+        in float64, so the number equals the single-process one."""
+        metric = self.split_means[name.replace("/", "_")]
+        metric.update(values, torch.ones_like(values))
+        self.log(name, metric, on_step=False, on_epoch=True, **kwargs)
 
     # ---------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -280,6 +297,17 @@ class DiffusionModule(L.LightningModule):
         # Not yet handed to the sampler: kept so that a resume flushes at the same steps.
         checkpoint["pending_losses"] = [(t.cpu(), loss.cpu()) for t, loss in self._pending_losses]
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
+        # The running sums of the epoch-level train/loss_q* means: the epoch that spans a
+        # resume then reports the means of all its steps, as an uninterrupted run does.
+        checkpoint["quarter_loss"] = self.quarter_loss_sums()
+
+    def quarter_loss_sums(self) -> torch.Tensor:
+        """(4, 2) float64 on the CPU: Σ w·loss and Σ w of each quarter so far this epoch,
+        summed over the processes (a collective under DDP, where every rank saves)."""
+        sums = torch.stack([torch.stack([m.weighted_sum, m.weight]) for m in self.quarter_loss])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return sums.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("schedule_sampler")
@@ -288,3 +316,9 @@ class DiffusionModule(L.LightningModule):
         self._pending_losses = [(t, loss) for t, loss in checkpoint.get("pending_losses", [])]
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
+        sums = checkpoint.get("quarter_loss")
+        if sums is not None:  # all on one process: the means sum the processes' parts
+            first = self._trainer is None or self.trainer.global_rank == 0
+            for metric, (weighted_sum, weight) in zip(self.quarter_loss, sums, strict=True):
+                metric.weighted_sum.copy_(weighted_sum if first else 0.0)
+                metric.weight.copy_(weight if first else 0.0)

@@ -7,9 +7,24 @@ import os
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid, save_image  # safe: the diffusion package is imported
 
 from diffusion.utils.atomic import atomic_write
+
+
+# torchvision.utils is imported on first use: importing it loads torchvision's models and
+# torch._dynamo (about 2 s), which sample.py would otherwise pay at every start for one grid.
+def make_grid(*args, **kwargs) -> torch.Tensor:
+    """``torchvision.utils.make_grid``."""
+    from torchvision.utils import make_grid as torchvision_make_grid  # safe: diffusion is imported
+
+    return torchvision_make_grid(*args, **kwargs)
+
+
+def save_image(*args, **kwargs) -> None:
+    """``torchvision.utils.save_image``."""
+    from torchvision.utils import save_image as torchvision_save  # safe: diffusion is imported
+
+    torchvision_save(*args, **kwargs)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
