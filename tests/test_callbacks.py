@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 
 import lightning as L
@@ -352,19 +353,24 @@ def test_progress_bar_reads_the_metrics_every_n_steps_only(tmp_path, monkeypatch
 
 
 def test_progress_bar_counts_steps_on_a_run_bounded_by_steps(tmp_path):
-    """Rich's bar read 'Epoch 2/-2' with max_epochs=-1; ours counts steps against max_steps."""
-    shown = []
+    """Rich's bar read 'Epoch 2/-2' with max_epochs=-1; ours counts steps against max_steps,
+    on one bar whose rate a new epoch does not corrupt."""
+    shown, speeds = [], []
 
     class Recording(callbacks.ProgressBar):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             task = self.progress.tasks[self.train_progress_bar_id]
             shown.append((task.description, task.completed, task.total))
+            speeds.append(task.speed)
 
     data = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=2)  # 4 per epoch
     trainer = quiet_trainer(tmp_path, [Recording()], max_steps=10, max_epochs=-1, enable_progress_bar=True)
+    started = time.perf_counter()
     trainer.fit(_Regression(), train_dataloaders=data)
     assert [completed for _, completed, _ in shown] == list(range(1, 11))
     assert {total for _, _, total in shown} == {10}
     assert all("-2" not in description for description, _, _ in shown), shown
     assert shown[-1][0].startswith("Epoch 2")
+    elapsed = time.perf_counter() - started
+    assert max(speed or 0 for speed in speeds) < 100 * 10 / elapsed  # not an epoch's steps in no time

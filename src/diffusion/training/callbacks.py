@@ -218,6 +218,21 @@ class ProgressBar(RichProgressBar):
             return f"Epoch {current_epoch}, step"
         return super()._get_train_description(current_epoch)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """On a run bounded by steps, one bar for the whole run: a new epoch renames it but
+        keeps its count and its rate (Rich's reset to 0 would read as a jump of a whole
+        epoch's steps in no time, millions of it/s)."""
+        steps, task = self._bounded_by_steps(trainer), self.train_progress_bar_id
+        if steps and task is not None and self.progress is not None:
+            self.progress.update(task, description=self._get_train_description(trainer.current_epoch))
+            self.refresh()
+            return
+        super().on_train_epoch_start(trainer, pl_module)
+        if steps and self.train_progress_bar_id is not None and self.progress is not None:
+            # The first epoch of a resumed run starts at its step, without counting a jump.
+            self.progress.reset(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step,
+                                description=self._get_train_description(trainer.current_epoch))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
