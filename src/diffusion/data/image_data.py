@@ -16,6 +16,7 @@ share of them, every image once (`diffusion.data.loader.ShardedBatches`).
 
 from __future__ import annotations
 
+import abc
 import os
 import pickle
 import warnings
@@ -33,7 +34,7 @@ from diffusion.data.digits import digits_split, digits_uint8
 from diffusion.data.loader import ResumableDataLoader, ShardedBatches
 
 
-class ImageData:
+class ImageData(abc.ABC):
     """Loader plumbing shared by the datasets: subclasses build the splits in ``build_splits``
     (and fetch missing files in ``prepare_data``, which training runs on one process only)."""
 
@@ -53,9 +54,9 @@ class ImageData:
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    @abc.abstractmethod
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         """(train, val, test) datasets; each subclass says how."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build_splits")
 
     def prepare_data(self) -> None:
         """Fetch what is missing (a download); nothing for most datasets."""
