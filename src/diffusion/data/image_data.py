@@ -58,7 +58,7 @@ class ImageData(abc.ABC):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         """(train, val, test) datasets; each subclass says how."""
 
-    def prepare_data(self) -> None:
+    def prepare_data(self) -> None:  # noqa: B027  (a hook: most datasets have nothing to fetch)
         """Fetch what is missing (a download); nothing for most datasets."""
 
     def setup(self, stage: str | None = None) -> None:
