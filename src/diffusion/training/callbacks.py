@@ -233,8 +233,10 @@ class ProgressBar(RichProgressBar):
             self.progress.reset(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step,
                                 description=self._get_train_description(trainer.current_epoch))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._bounded_by_steps(trainer):
-            self._update(self.train_progress_bar_id, trainer.global_step)  # steps, not the epoch's batches
+    def _update(self, progress_bar_id: Any, current: int, visible: bool = True, hard: bool = False) -> None:
+        # Rich's bar sets the training bar to the epoch's batch count after each batch; on a
+        # run bounded by steps it shows the run's steps instead (one update, one refresh).
+        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id \
+                and self._bounded_by_steps(self.trainer):
+            current = self.trainer.global_step
+        super()._update(progress_bar_id, current, visible, hard)
