@@ -82,7 +82,7 @@ import torch
 
 import sample_throughput
 from ablations import VARIANTS, ablate
-from device_peak import compute_dtype, conv_peak, matmul_peak
+from device_peak import Peak, compute_dtype, conv_peak, matmul_peak
 from loader_rate import loader_rate
 from performance_report import ablation_line, as_json, loader_line, record_rows, sampling_line, summary
 from train_timing import train_once
@@ -138,6 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-record", action="store_true", help="print only; leave bench/results.md alone")
     add("--results", metavar="PATH", help="append the rows to PATH instead of bench/results.md")
     add("--json", metavar="PATH", help="also write every figure of the run to PATH as JSON")
+    add("--peaks-from", metavar="PATH",
+        help="the device's peaks from an earlier --json of the same device, instead of measuring them again")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
@@ -223,10 +225,20 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=f".*{message}")
 
 
+def load_peaks(path: str) -> dict:
+    """{dtype: (conv Peak, matmul Peak)} from an earlier --json; a Peak's ``what`` begins with its dtype."""
+    peaks = {}
+    for report in json.loads(Path(path).read_text()):
+        conv, matmul = Peak(**report["conv_peak"]), Peak(**report["matmul_peak"])
+        peaks[getattr(torch, conv.what.split()[0])] = (conv, matmul)
+    return peaks
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     quiet()
-    device, peaks, reports = torch.device(args.device), {}, []
+    device, reports = torch.device(args.device), []
+    peaks = load_peaks(args.peaks_from) if args.peaks_from else {}
     if args.compile_backend:  # DiffusionModule compiles with nn.Module.compile() and its defaults
         torch.nn.Module.compile = functools.partialmethod(torch.nn.Module.compile, backend=args.compile_backend)
     if args.results:

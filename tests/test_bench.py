@@ -93,3 +93,34 @@ def test_flop_count_is_linear_in_the_batch_and_exceeds_two_flops_per_parameter(p
     params = sum(p.numel() for p in module.model.parameters())
     # A forward alone costs 2 FLOPs per weight per use, and every weight is used at least once.
     assert per_image[0] > 2 * params
+
+
+def test_peaks_from_an_earlier_json_are_reused_not_measured_again(performance, tmp_path, monkeypatch):
+    first = tmp_path / "first.json"
+    (report,) = performance.main([*TINY_RUN, "--skip", "sampling,data", "--no-record", "--json", str(first)])
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("--peaks-from must not measure the peaks again")
+
+    monkeypatch.setattr(performance, "conv_peak", measured_again)
+    monkeypatch.setattr(performance, "matmul_peak", measured_again)
+    (again,) = performance.main([*TINY_RUN, "--skip", "sampling,data", "--no-record", "--peaks-from", str(first)])
+    assert again["conv"] == report["conv"] and again["matmul"] == report["matmul"]
+
+
+def test_step_profile_reports_each_variant_and_the_profile(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    import performance
+    import step_profile
+
+    monkeypatch.setattr(step_profile, "quiet", lambda: None)
+    monkeypatch.setattr(performance, "quiet", lambda: None)
+    step_profile.main(["--preset", "digits_quickstart", "--device", "cpu", "--override", "data.batch_size=4",
+                       "--variant", "nchw=model.channels_last=false", "--variant", "bad=model.no_such_key=1",
+                       "--warmup", "1", "--steps", "2", "--profile-steps", "1", "--rows", "5"])
+    GlobalHydra.instance().clear()
+    out = capsys.readouterr().out
+    assert "base:" in out and "(x1.00)" in out
+    assert "nchw:" in out and "images/s" in out.split("nchw:")[1].splitlines()[0]
+    assert "bad: failed: ConfigCompositionException" in out  # reported; the other runs went on
+    assert "profiled 1 steps" in out and "Self CPU time total" in out
