@@ -5,6 +5,7 @@ train.py (through Lightning) and `python -m diffusion.convert` write the same la
     {
       "state_dict": {"model." + key: tensor, ...},     # the UNet's weights (DiffusionModule.model)
       "ema": {"0.9999": {key: tensor, ...}, ...},        # EMA weights per rate (train.py only)
+      "phema": {"run_id": str, "stds": [...], ...},      # with callbacks.posthoc_ema: whose snapshots
       "hyper_parameters": {
         "run_config": {"model": {...}, "diffusion": {...}, "data": {...}, ...},  # plain values
         "image_size": int, "in_channels": int, "num_classes": int | None,
@@ -12,6 +13,14 @@ train.py (through Lightning) and `python -m diffusion.convert` write the same la
       },
       "global_step": int, ...                            # Lightning's own entries
     }
+
+A run with post-hoc EMA (`diffusion.training.posthoc_ema`) also keeps snapshots of its
+power-function averages beside its checkpoints, one file per step, written atomically::
+
+    <checkpoint folder>/phema/phema-0000100.pt  {"format": 1, "step": 100, "run_id": str,
+                                                  "profiles": [{"std", "gamma", "state_dict"}, ...]}
+
+`load_posthoc_ema` rebuilds the weights of any σ_rel from them (EDM2, arXiv 2312.02696).
 
 The run config's ``model`` and ``diffusion`` entries are Hydra ``_target_`` configs, so the
 network and the process are rebuilt from the checkpoint alone. This module also decides
@@ -22,8 +31,10 @@ nor anything from training.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +46,7 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from diffusion.process.gaussian_diffusion import GaussianDiffusion
+from diffusion.process.posthoc_ema import combine_state_dicts, gamma_from_std, solve_coefficients
 from diffusion.utils.atomic import atomic_write
 
 MODEL_PREFIX = "model."  # the UNet's keys in "state_dict": DiffusionModule.model
@@ -128,8 +140,9 @@ class LoadedCheckpoint:
     config: dict[str, Any]
     image_shape: tuple[int, int, int]
     num_classes: int | None
-    weights: str  # which weights were loaded: "ema_<rate>" or "raw"
+    weights: str  # which weights were loaded: "ema_<rate>", "raw" or "phema_<σ_rel>"
     global_step: int | None
+    posthoc_ema: dict[str, Any] | None = None  # the checkpoint's "phema" entry: its run kept snapshots
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -218,15 +231,136 @@ def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
         num_classes=hparams["num_classes"], label_dropout=hparams.get("label_dropout", 0.0),
     )
     state, chosen = select_weights(checkpoint, weights, path)
+    load_weights(model, state, path)
+    model.eval()
+    return LoadedCheckpoint(
+        model=model, diffusion=diffusion, config=config,
+        image_shape=(hparams["in_channels"], hparams["image_size"], hparams["image_size"]),
+        num_classes=hparams["num_classes"], weights=chosen, global_step=checkpoint.get("global_step"),
+        posthoc_ema=checkpoint.get(PHEMA_KEY),
+    )
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``state`` into ``model``; CheckpointError naming ``path`` unless every key fits."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit the configured UNet "
             f"(missing {sorted(missing)[:3]}..., unexpected {sorted(unexpected)[:3]}...)"
         )
-    model.eval()
-    return LoadedCheckpoint(
-        model=model, diffusion=diffusion, config=config,
-        image_shape=(hparams["in_channels"], hparams["image_size"], hparams["image_size"]),
-        num_classes=hparams["num_classes"], weights=chosen, global_step=checkpoint.get("global_step"),
+
+
+# ------------------------------------------------------------------------------ post-hoc EMA
+PHEMA_DIR = "phema"  # <checkpoint folder>/phema/
+PHEMA_KEY = "phema"  # the checkpoint's entry: the run id of its snapshots, their σ_rel and γ
+SNAPSHOT_FORMAT = 1
+_SNAPSHOT_NAME = re.compile(r"phema-(\d+)\.pt")
+
+
+def snapshot_path(folder: str, step: int) -> str:
+    """The snapshot of optimizer step ``step``: named by the step alone, so that a resumed run
+    writes exactly the files the uninterrupted one would."""
+    return os.path.join(folder, f"phema-{step:07d}.pt")
+
+
+def snapshot_steps(folder: str) -> list[int]:
+    """The steps of the snapshots in ``folder``, in order (none when it does not exist)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(m.group(1)) for m in map(_SNAPSHOT_NAME.fullmatch, names) if m)
+
+
+def read_snapshot(path: str) -> dict[str, Any]:
+    """A snapshot, its tensors memory-mapped (read when used); CheckpointError if unreadable."""
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read post-hoc EMA snapshot {path}: {reason}; delete it (it is "
+                              "left out then) or rerun the training from a checkpoint before it") from None
+    if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT:
+        raise CheckpointError(f"{path} is not a post-hoc EMA snapshot of this version (format {SNAPSHOT_FORMAT})")
+    return snapshot
+
+
+def _other_run(path: str, owner: Any, run_id: Any) -> CheckpointError:
+    folder = os.path.dirname(path)
+    return CheckpointError(
+        f"{path} is a post-hoc EMA snapshot of another run (run id {owner}; "
+        f"{'this is a new run' if run_id is None else f'this run is {run_id}'}), "
+        f"and the two runs' snapshots must not mix: resume that run (ckpt_path=last in its folder), "
+        f"train in another folder (hydra.run.dir=...), or move {folder} away"
     )
+
+
+def check_snapshot_folder(folder: str, run_id: str | None) -> list[int]:
+    """The steps of ``folder``'s snapshots, all written by the run ``run_id`` (None: a new
+    run, which owns none); CheckpointError naming the first snapshot of another run."""
+    steps = snapshot_steps(folder)
+    for step in steps:
+        owner = read_snapshot(snapshot_path(folder, step)).get("run_id")
+        if owner != run_id:
+            raise _other_run(snapshot_path(folder, step), owner, run_id)
+    return steps
+
+
+def set_snapshots_aside(folder: str) -> str | None:
+    """Rename a snapshot folder to an unused ``<folder>-superseded-<n>`` beside it, so that a new
+    run starts with none and nothing is lost; returns the new name (None: no snapshots)."""
+    if not snapshot_steps(folder):
+        return None
+    n = 1
+    while os.path.exists(f"{folder}-superseded-{n}"):
+        n += 1
+    os.rename(folder, f"{folder}-superseded-{n}")
+    return f"{folder}-superseded-{n}"
+
+
+def save_snapshot(folder: str, step: int, run_id: str, profiles: list[dict[str, Any]]) -> str:
+    """Write the snapshot of ``step`` (``profiles``: dicts of std, gamma, state_dict)
+    atomically; a snapshot of that step from another run is an error, never replaced."""
+    path = snapshot_path(folder, step)
+    if os.path.exists(path):
+        owner = read_snapshot(path).get("run_id")
+        if owner != run_id:
+            raise _other_run(path, owner, run_id)
+    save_checkpoint({"format": SNAPSHOT_FORMAT, "step": step, "run_id": run_id, "profiles": profiles}, path)
+    return path
+
+
+def posthoc_ema_state(folder: str, std: float, *, max_step: int | None = None,
+                      run_id: str | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """(the weights of the power-function EMA of relative width ``std`` = σ_rel at the last
+    snapshot of ``folder`` up to ``max_step``, that step), the least-squares combination of
+    every profile of those snapshots (EDM2 App. C.3; `diffusion.process.posthoc_ema`).
+    CheckpointError when there is no snapshot, or one of another run than ``run_id``."""
+    steps = [s for s in snapshot_steps(folder) if max_step is None or s <= max_step]
+    if not steps:
+        up_to = f" up to the checkpoint's step {max_step}" if max_step is not None else ""
+        raise CheckpointError(
+            f"ema_std={std}: {folder} holds no post-hoc EMA snapshots (phema-*.pt){up_to}; train with "
+            "callbacks.posthoc_ema (python train.py 'callbacks=[default,posthoc_ema]'; the digits "
+            "quickstart keeps them), or leave ema_std out to use the checkpoint's EMA weights"
+        )
+    snapshots = [read_snapshot(snapshot_path(folder, step)) for step in steps]  # mmap: nothing read yet
+    owners = {snapshot.get("run_id") for snapshot in snapshots}
+    if owners != {run_id}:
+        raise CheckpointError(
+            f"ema_std={std}: the snapshots in {folder} are of run(s) {sorted(map(str, owners))}, not of the "
+            f"checkpoint's run ({run_id or 'trained without callbacks.posthoc_ema'}); pass a checkpoint "
+            "of the run that wrote them"
+        )
+    profiles = [(snapshot["step"], profile) for snapshot in snapshots for profile in snapshot["profiles"]]
+    coefficients = solve_coefficients([step for step, _ in profiles], [p["gamma"] for _, p in profiles],
+                                      target_gamma=gamma_from_std(std), target_step=steps[-1])
+    return combine_state_dicts((p["state_dict"] for _, p in profiles), coefficients), steps[-1]
+
+
+def load_posthoc_ema(loaded: LoadedCheckpoint, path: str, std: float) -> LoadedCheckpoint:
+    """``loaded`` (the checkpoint at ``path``) with the post-hoc EMA weights of σ_rel ``std``
+    at its step (`posthoc_ema_state`), from the snapshots in ``<folder of path>/phema/``."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), PHEMA_DIR)
+    state, step = posthoc_ema_state(folder, std, max_step=loaded.global_step,
+                                    run_id=(loaded.posthoc_ema or {}).get("run_id"))
+    load_weights(loaded.model, state, path)
+    return dataclasses.replace(loaded, weights=f"phema_{std:g}@{step}")

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.jobs.common import PRECISIONS
+from diffusion.process.posthoc_ema import STD_MAX, gamma_from_std
 from diffusion.process.respace import normalize_section_counts, space_timesteps
 from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import check_guidance
@@ -40,6 +41,7 @@ def check_sample_settings(cfg: DictConfig) -> None:
     for key, minimum in (("num_samples", 1), ("batch_size", 1), ("seed", 0), ("grid_size", 1)):
         require_int(key, cfg[key], minimum)
     check_weights(cfg.weights)
+    check_ema_std(cfg.get("ema_std"), cfg.weights)
     require_choice("precision", str(cfg.precision), PRECISIONS)
     require_bool("clip_denoised", cfg.clip_denoised)
     require_bool("progress", cfg.progress)
@@ -71,6 +73,21 @@ def check_weights(weights: Any) -> None:
         rate = None
     if rate is None or not 0 < rate < 1:
         raise ConfigError(f"weights={weights!r} must be ema (the first EMA rate), raw, or an EMA rate such as 0.9999")
+
+
+def check_ema_std(ema_std: Any, weights: Any) -> None:
+    """null, or a σ_rel that a power-function EMA has (post-hoc EMA), with ``weights`` left
+    at its default: the two would choose the weights twice."""
+    if ema_std is None:
+        return
+    try:
+        gamma_from_std(ema_std)
+    except ValueError:
+        raise ConfigError(f"ema_std={ema_std!r} must be a σ_rel in (0, {STD_MAX:.4f}] such as 0.05 (post-hoc "
+                          "EMA), or null for the weights that weights= chooses") from None
+    if weights != "ema":
+        raise ConfigError(f"ema_std={ema_std} and weights={weights} both choose the weights; leave out "
+                          "weights= (post-hoc EMA) or ema_std=")
 
 
 def class_label_list(labels: Any) -> list[int] | None:

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
+from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.evaluation import evaluate_bpd
 from diffusion.jobs.checks import check_evaluate_settings, check_respacing, check_samples_npz
 from diffusion.jobs.common import (
@@ -27,7 +27,7 @@ from diffusion.jobs.common import (
     images_progress,
     resolve_devices,
 )
-from diffusion.jobs.sample import sample
+from diffusion.jobs.sample import load_chosen_weights, sample
 from diffusion.utils.atomic import atomic_save_json, remove_stale_temporaries
 from diffusion.utils.checks import require_writable_dir
 from diffusion.utils.lock import folder_lock
@@ -115,6 +115,9 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
 
 # metric= -> the function that computes it: (cfg, loaded checkpoint, device) -> plain dict.
 METRICS = {"nll": nll, "fid": fid}
+# metric= -> the result that ranks runs, lower being better (the first one a result has):
+# the summary of an evaluate.py sweep (`diffusion.jobs.sweep`).
+SCORES = {"nll": ("bpd",), "fid": ("fid", "fid_digits")}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -122,7 +125,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     done (a killed run leaves none), with the output folder locked (`diffusion.utils.lock`)."""
     check_evaluate_settings(cfg, METRICS)  # every setting, before anything is read or written
     device = torch.device(resolve_devices(cfg.device, cfg.num_devices)[0])
-    loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+    loaded = load_chosen_weights(cfg)
     if cfg.metric == "nll":
         check_respacing(cfg.respacing, loaded)
     path = os.path.join(require_writable_dir("output_dir", cfg.output_dir), f"{cfg.metric}.json")
@@ -130,7 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         remove_stale_temporaries(os.path.dirname(path), [os.path.basename(path)])  # of a killed run
         results = METRICS[cfg.metric](cfg, loaded, device)
         results.update(ckpt=os.path.abspath(cfg.ckpt), weights=loaded.weights, metric=cfg.metric,
-                       global_step=loaded.global_step)
+                       global_step=loaded.global_step, ema_std=cfg.get("ema_std"))
         atomic_save_json(path, results)
     log.info("wrote %s", path)
     return results

@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint
+from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint, load_posthoc_ema
 from diffusion.jobs.checks import (
     build_sampler,
     check_class_labels,
@@ -101,7 +101,7 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     cfg = OmegaConf.create(cfg_yaml)
     device = torch.device(devices[rank])
     if loaded is None:
-        loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+        loaded = load_chosen_weights(cfg)
     if sampler is None:
         sampler = hydra.utils.instantiate(cfg.sampler)
     loaded.model.to(device)
@@ -165,10 +165,19 @@ def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[Lo
     devices = resolve_devices(cfg.device, cfg.num_devices)
     sampler = build_sampler(cfg.sampler)
     if loaded is None:
-        loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+        loaded = load_chosen_weights(cfg)
     check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
     check_class_labels(cfg.class_labels, loaded.num_classes)
     return loaded, sampler, devices
+
+
+def load_chosen_weights(cfg: DictConfig) -> LoadedCheckpoint:
+    """``cfg.ckpt`` with the weights that ``weights`` chooses or, when ``ema_std`` (a σ_rel)
+    is set, the post-hoc EMA of that width rebuilt from the run's snapshots (`load_posthoc_ema`)."""
+    loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
+    if cfg.get("ema_std") is not None:
+        loaded = load_posthoc_ema(loaded, cfg.ckpt, cfg.ema_std)
+    return loaded
 
 
 def write_outputs(arrays: dict[str, np.ndarray], npz_path: str, grid_path: str, grid_size: int,

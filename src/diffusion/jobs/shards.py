@@ -11,8 +11,9 @@ is simply taken over.
 
 What decides batch i's images, hence the key:
 
-- the network: a SHA-256 of the chosen weights' bytes (so ``weights=`` and a checkpoint
-  rewritten in place are covered) and of the run config's model, diffusion and data shape.
+- the network: a SHA-256 of the chosen weights' bytes (so ``weights=``, ``ema_std=`` and a
+  checkpoint rewritten in place are covered; ``ema_std``, the σ_rel of post-hoc EMA weights,
+  is in the key by name too, where set) and of the run config's model, diffusion and data shape.
   Not the checkpoint's path or mtime: the same weights at another path give the same
   images, and a copied or touched file changes nothing;
 - ``seed`` and ``batch_size`` (batch i draws everything from the generator (seed, i));
@@ -75,13 +76,16 @@ def shard_key(cfg: DictConfig, loaded: LoadedCheckpoint, device_type: str) -> di
     network = {key: loaded.config.get(key) for key in ("model", "diffusion")}
     network.update(image_shape=list(loaded.image_shape), num_classes=loaded.num_classes,
                    null_label=getattr(loaded.model, "null_label", None))
-    return _plain({
+    key = {
         "weights_sha256": weights_digest(loaded.model),
         "network_sha256": hashlib.sha256(json.dumps(_plain(network), sort_keys=True).encode()).hexdigest(),
         "seed": cfg.seed, "batch_size": cfg.batch_size, "num_samples": cfg.num_samples,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "clip_denoised": cfg.clip_denoised,
         "precision": str(cfg.precision), "class_labels": labels, "device_type": device_type,
-    })
+    }
+    if cfg.get("ema_std") is not None:  # absent otherwise: the manifests of earlier versions still match
+        key["ema_std"] = cfg.ema_std
+    return _plain(key)
 
 
 def open_shard_dir(shard_dir: str, key: dict[str, Any], ckpt: str) -> int:

@@ -27,6 +27,7 @@ from diffusion.process.gaussian_diffusion import (
     ModelMeanType,
     ModelVarType,
 )
+from diffusion.process.posthoc_ema import STD_MAX, check_stds
 from diffusion.utils.errors import ConfigError
 
 # A check returns what the value must be ("must be ...") or None when it is fine.
@@ -118,6 +119,15 @@ def int_list(minimum: int, *, what: str) -> Check:
     return check
 
 
+def sigma_rels(value: Any) -> str | None:
+    """A list of distinct σ_rel values of power-function EMA profiles (post-hoc EMA)."""
+    try:
+        check_stds(OmegaConf.to_container(value) if isinstance(value, ListConfig) else value)
+    except ValueError:
+        return f"must be a list of distinct σ_rel values in (0, {STD_MAX:.4f}], e.g. [0.05,0.1]"
+    return None
+
+
 POSITIVE = number(0, low_open=True, what="a positive number")
 PROBABILITY = number(0, 1, high_open=True)
 # A Lightning "how much": an int count of batches, or a float fraction in [0, 1].
@@ -192,6 +202,8 @@ TRAIN_KEYS: dict[str, Check] = {
     # callbacks whose constructors are Lightning's
     "callbacks.model_checkpoint.every_n_train_steps": optional(integer(0)),
     "callbacks.model_checkpoint.save_top_k": integer(-1),
+    "callbacks.posthoc_ema.stds": sigma_rels,
+    "callbacks.posthoc_ema.snapshot_every": integer(1),
 }
 # Keys of the data group, whatever the dataset (each dataset has some of them).
 DATA_KEYS: dict[str, Check] = {

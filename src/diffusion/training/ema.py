@@ -68,6 +68,21 @@ def _ema_lerp(decay: float, callback: EMA):
     return update
 
 
+def submodule(pl_module: nn.Module, attribute: str, owner: str = "EMA") -> nn.Module:
+    """``pl_module.<attribute>`` (a dotted path); a ValueError naming ``owner``, the attribute
+    and the sub-modules there are, when it is not a sub-module."""
+    module: Any = pl_module
+    for part in attribute.split("."):
+        if not isinstance(getattr(module, part, None), nn.Module):
+            children = [name for name, _ in module.named_children()] if isinstance(module, nn.Module) else []
+            raise ValueError(
+                f"{owner}: attribute={attribute!r}: {type(module).__name__} has no sub-module "
+                f"{part!r}; its sub-modules are {children}"
+            )
+        module = getattr(module, part)
+    return module
+
+
 @torch.no_grad()
 def _copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     """dst[i] <- src[i] for every i; one fused kernel when everything shares a device."""
@@ -188,16 +203,7 @@ class EMA(L.Callback):
 
     def target(self, pl_module: L.LightningModule) -> nn.Module:
         """The averaged sub-module ``pl_module.<attribute>``."""
-        module: Any = pl_module
-        for part in self.attribute.split("."):
-            if not isinstance(getattr(module, part, None), nn.Module):
-                children = [name for name, _ in module.named_children()] if isinstance(module, nn.Module) else []
-                raise ValueError(
-                    f"EMA: attribute={self.attribute!r}: {type(module).__name__} has no sub-module "
-                    f"{part!r}; its sub-modules are {children}"
-                )
-            module = getattr(module, part)
-        return module
+        return submodule(pl_module, self.attribute, type(self).__name__)
 
     def _averaged(self, decay: float | None) -> AveragedModel | None:
         if decay is None:

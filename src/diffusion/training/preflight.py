@@ -12,6 +12,7 @@ bad config or dataset fails in seconds; `run.train` goes on from what this retur
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import pickle
 import zipfile
@@ -22,7 +23,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoint import RUNTIME_KEYS, CheckpointError, run_config
+from diffusion.checkpoint import (
+    PHEMA_DIR,
+    PHEMA_KEY,
+    RUNTIME_KEYS,
+    CheckpointError,
+    check_snapshot_folder,
+    run_config,
+    set_snapshots_aside,
+)
 from diffusion.nets.unet import effective_levels
 from diffusion.training.config_checks import check_train_config, show
 from diffusion.utils.errors import ConfigError, UserError, config_errors
@@ -30,11 +39,14 @@ from diffusion.utils.errors import ConfigError, UserError, config_errors
 if TYPE_CHECKING:  # the datasets import torchvision: not needed to reject a config
     from diffusion.data.image_data import ImageData
 
+log = logging.getLogger(__name__)
+
 # What a checkpoint is: a resume must build the same network and process, with the same
 # labels, null class, timestep sampler and EMA rates. Everything else (steps, intervals,
 # devices, loggers, workers, ...) may change when a run is resumed.
 RESUME_MUST_MATCH = ("model", "diffusion", "class_cond", "data._target_", "data.image_size",
-                     "module.label_dropout", "module.schedule_sampler", "callbacks.ema.decays")
+                     "module.label_dropout", "module.schedule_sampler", "callbacks.ema.decays",
+                     "callbacks.posthoc_ema.stds")
 # Keys of the model config that say how to run the UNet, not what it is.
 RUN_TIME_MODEL_KEYS = (*RUNTIME_KEYS, "use_checkpoint")
 RESUME_FIX = ("resume with the checkpoint's values (its run folder's config.yaml has them), or start a new "
@@ -68,6 +80,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     if cfg.class_cond and data.num_classes is None:
         raise ConfigError(f"class_cond=true, but the dataset {cfg.data._target_} has no labels; use "
                           "class_cond=false or a labelled dataset (image_folder: sub-folders or name prefixes)")
+    check_posthoc_ema_folder(cfg, resume)  # last: it may move orphaned snapshots aside
     return Prepared(data, resume_path, resume)
 
 
@@ -76,6 +89,24 @@ def checkpoint_folder(cfg: Any) -> str:
     """Where the run's checkpoints go (`ModelCheckpoint`'s folder, or the run folder)."""
     callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     return str(callback.get("dirpath") or os.path.join(str(cfg.output_dir), "checkpoints"))
+
+
+def check_posthoc_ema_folder(cfg: Any, resume: dict[str, Any] | None) -> None:
+    """With ``callbacks.posthoc_ema``, the run owns the snapshots of its ``phema/`` folder: a
+    new run finds none there, a resumed one only its own (`CheckpointError` otherwise). A
+    requeued job that found nothing to resume (``ckpt_path=last_or_new``) was killed before
+    its first checkpoint: its snapshots can never be continued, and are moved aside."""
+    node = (cfg.get("callbacks") or {}).get("posthoc_ema") or {}
+    if "_target_" not in node:
+        return
+    folder = str(node.get("dirpath") or os.path.join(checkpoint_folder(cfg), PHEMA_DIR))
+    if resume is None and cfg.get("ckpt_path") == "last_or_new":
+        aside = set_snapshots_aside(folder)
+        if aside:
+            log.warning("ckpt_path=last_or_new starts a new run: the post-hoc EMA snapshots of the run "
+                        "killed before its first checkpoint are moved to %s", aside)
+        return
+    check_snapshot_folder(folder, ((resume or {}).get(PHEMA_KEY) or {}).get("run_id"))
 
 
 def find_resume_checkpoint(cfg: Any) -> str | None:
