@@ -1,5 +1,6 @@
-"""Sample quality against the number of model evaluations (NFE) for DDIM, DPM-Solver++(2M)
-and EDM's Heun sampler, on a quickstart (digits) checkpoint.
+"""Sample quality against the number of model evaluations (NFE) for DDIM, the multistep
+solvers (DPM-Solver++(2M) and (3M), UniPC), EDM's Heun sampler and distilled students, on a
+quickstart (digits) checkpoint.
 
 Every sampler draws the same N samples' starting noise (batch i from the generator seeded
 with (seed, i), as sample.py does) and is scored with the metric evaluate.py reports for
@@ -9,8 +10,11 @@ real held-out digits, the validation and test parts of the one digits split toge
 images, diffusion.data.digits), scored the same way give the floor that N samples can reach.
 
     python bench/nfe_quality.py --ckpt outputs/.../checkpoints/last.ckpt
-    python bench/nfe_quality.py --ckpt last.ckpt --num-samples 400 --ddim-nfe 5 10 20 50 \\
-        --heun-schedules karras logsnr
+    python bench/nfe_quality.py --ckpt last.ckpt --num-samples 400 --nfe 5 10 --families ddim,unipc
+
+Families (--families): ddim (DDIM η 0 on its "ddimN" steps, the preset), ddim_trailing,
+dpmpp2m, dpmpp3m, unipc (UniPC-2 with corrector), unipc3, unipc_low (UniPC-2 from σ_max = 10),
+heun (N levels, 2N − 1 NFE); the σ solvers on the default grid (Karras ρ = 7 from σ_max = 80).
 
 Writes bench/nfe_quality.csv (one row per sampler and NFE, and one for the real held-out
 digits) and docs/nfe_quality.png; ``--plot-only`` redraws the plot from the CSV.
@@ -32,7 +36,13 @@ from diffusion.data.digits import digits_images
 from diffusion.evaluation import DigitsFeatureExtractor, FIDEvaluator
 from diffusion.evaluation.fid import DEFAULT_CACHE_DIR, to_uint8_nchw
 from diffusion.jobs.common import autocast_network, batch_generator
-from diffusion.sampling import DDIMSampler, DPMSolverPP2MSampler, HeunSampler
+from diffusion.sampling import (
+    DDIMSampler,
+    DPMSolverPP2MSampler,
+    DPMSolverPP3MSampler,
+    HeunSampler,
+    UniPCSampler,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -54,14 +64,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
-    parser.add_argument("--ddim-nfe", type=int, nargs="*", default=[5, 10, 20, 50, 100],
-                        help="DDIM (eta 0) step counts, evenly spaced from T-1 to 0")
-    parser.add_argument("--dpm-nfe", type=int, nargs="*", default=[5, 10, 20, 50])
-    parser.add_argument("--dpm-schedules", nargs="+", default=["logsnr"],
-                        help="one line per schedule: logsnr, karras, time_uniform")
-    parser.add_argument("--heun-steps", type=int, nargs="*", default=[3, 5, 10, 18],
-                        help="Heun levels N (2N-1 evaluations)")
-    parser.add_argument("--heun-schedules", nargs="+", default=["karras"])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 3, 5, 10, 20, 50, 100],
+                        help="model evaluations per sample (Heun: the nearest odd count 2N − 1 ≤ NFE)")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated, from: {', '.join(FAMILIES)}")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     parser.add_argument("--csv", default=str(REPO / "bench" / "nfe_quality.csv"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "nfe_quality.png"))
@@ -72,14 +78,29 @@ def parse_args(argv=None):
     return args
 
 
+FAMILIES = {
+    "ddim": ("DDIM (eta 0), ddimN steps", lambda n: DDIMSampler(steps=n)),
+    "ddim_trailing": ("DDIM (eta 0), trailing steps", lambda n: DDIMSampler(steps=n, skip="trailing")),
+    "dpmpp2m": ("DPM-Solver++(2M)", lambda n: DPMSolverPP2MSampler(steps=n)),
+    "dpmpp3m": ("DPM-Solver++(3M)", lambda n: DPMSolverPP3MSampler(steps=n)),
+    "unipc": ("UniPC-2", lambda n: UniPCSampler(steps=n)),
+    "unipc3": ("UniPC-3", lambda n: UniPCSampler(steps=n, order=3)),
+    "unipc_low": ("UniPC-2, sigma_max 10", lambda n: UniPCSampler(steps=n, sigma_max=10.0)),
+    "heun": ("Heun (EDM)", lambda n: HeunSampler(steps=(n + 1) // 2)),
+}
+
+
 def sampler_grid(args) -> list[tuple[str, object]]:
-    """(family label, sampler) for every point of the plot. DDIM uses the evenly spaced
-    steps (respacing "N", from T−1 to 0), so that it starts from the same σ_max as the others."""
-    grid = [("DDIM (eta 0)", DDIMSampler(steps=None, respacing=str(n))) for n in args.ddim_nfe]
-    grid += [(f"DPM-Solver++(2M), {schedule}", DPMSolverPP2MSampler(steps=n, schedule=schedule))
-             for schedule in args.dpm_schedules for n in args.dpm_nfe]
-    grid += [(f"Heun (EDM), {schedule}", HeunSampler(steps=n, schedule=schedule))
-             for schedule in args.heun_schedules for n in args.heun_steps]
+    """(family label, sampler) for every point of the plot."""
+    families = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"--families: unknown {', '.join(unknown)}; valid: {', '.join(FAMILIES)}")
+    grid = []
+    for family in families:
+        label, make = FAMILIES[family]
+        nfes = sorted({n if family != "heun" else 2 * ((n + 1) // 2) - 1 for n in args.nfe})
+        grid += [(label, make(n)) for n in nfes]
     return grid
 
 
@@ -169,7 +190,8 @@ def measure(args, loaded, score, device) -> list[dict]:
             result = score(samples)
             nfe = sampler.num_function_evals(loaded.diffusion.num_timesteps)
             steps = sampler.steps if sampler.steps is not None else sampler.respacing
-            schedule, name = getattr(sampler, "schedule", "evenly spaced"), type(sampler).__name__
+            schedule = getattr(sampler, "schedule", None) or f"skip={getattr(sampler, 'skip', '')}"
+            name = type(sampler).__name__
         rows.append({
             "family": family, "sampler": name, "schedule": schedule, "steps": steps, "nfe": nfe,
             "num_samples": args.num_samples, "fid_digits": result["fid_digits"],

@@ -327,6 +327,9 @@ def test_num_function_evals(name):
         "ddim50_eta1": 50,
         "dpmpp2m10": 10,
         "dpmpp2m20": 20,
+        "dpmpp3m10": 10,
+        "unipc10": 10,
+        "unipc5": 5,
         "heun18": 35,  # 2 evaluations a step, Euler on the last (EDM Algorithm 1)
         "euler_a50": 50,
     }
@@ -364,8 +367,30 @@ def test_unknown_sampler_name_lists_the_presets():
 
 
 def test_unknown_skip_lists_the_rules():
-    with pytest.raises(ValueError, match="unknown skip 'linear'; valid: uniform, quadratic"):
+    with pytest.raises(ValueError, match="unknown skip 'linear'; valid: uniform, quadratic, trailing, linspace"):
         DDIMSampler(skip="linear")
+
+
+def test_trailing_and_linspace_skips():
+    """Lin et al. 2023, Table 2, for T = 1000: trailing round(1000 − i·1000/N) − 1; linspace is
+    improved-diffusion's evenly spaced respacing "N"; uniform is DDIM's leading range(0, T, T/N)."""
+    assert DDIMSampler(steps=5, skip="trailing").timesteps(1000) == [199, 399, 599, 799, 999]
+    assert DDIMSampler(steps=3, skip="trailing").timesteps(1000) == [332, 666, 999]
+    assert DDIMSampler(steps=5, skip="uniform").timesteps(1000) == [0, 200, 400, 600, 800]
+    for n in (5, 7, 10):
+        assert DDIMSampler(steps=n, skip="linspace").timesteps(1000) == DDIMSampler(
+            steps=None, respacing=str(n)).timesteps(1000)
+        assert len(DDIMSampler(steps=n, skip="trailing").timesteps(1000)) == n
+    # DDIM on the trailing grid is deterministic Euler in σ on the same grid (η = 0)
+    diffusion = make_diffusion()
+    model = GaussianDataDenoiser(diffusion, MU, STD)
+    noise = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    from diffusion.sampling import EulerAncestralSampler
+
+    torch.testing.assert_close(
+        DDIMSampler(steps=10, skip="trailing")(diffusion, model, noise=noise, clip_denoised=False),
+        EulerAncestralSampler(steps=10, schedule="trailing", eta=0.0)(diffusion, model, noise=noise, clip_denoised=False),
+        rtol=1e-9, atol=1e-10)
 
 
 def test_steps_and_respacing_are_alternatives():

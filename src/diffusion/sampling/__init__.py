@@ -5,8 +5,8 @@
 
 ``diffusion`` is the base process from the checkpoint; the sampler respaces it itself.
 The presets below are also ``configs/sampler/NAME.yaml`` (``sample.py sampler=NAME``).
-The σ-space solvers (``diffusion.sampling.solvers``: DPM-Solver++(2M), EDM's Heun, Euler
-ancestral) call the model at fractional timesteps of the base process instead.
+The σ-space solvers (``diffusion.sampling.solvers``: DPM-Solver++(2M) and (3M), UniPC,
+EDM's Heun, Euler ancestral) call the model at fractional timesteps of the base process instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import functools
 from diffusion.sampling.base import Sampler
 from diffusion.sampling.ddim import DDIMSampler
 from diffusion.sampling.ddpm import DDPMSampler
-from diffusion.sampling.solvers import DPMSolverPP2MSampler, EulerAncestralSampler, HeunSampler
+from diffusion.sampling.solvers import (
+    DPMSolverPP2MSampler,
+    DPMSolverPP3MSampler,
+    EulerAncestralSampler,
+    HeunSampler,
+    UniPCSampler,
+)
 
 SAMPLERS = {
     "ddpm": functools.partial(DDPMSampler),
@@ -30,6 +36,10 @@ SAMPLERS = {
     "ddim50_eta1": functools.partial(DDIMSampler, steps=50, eta=1.0),
     "dpmpp2m10": functools.partial(DPMSolverPP2MSampler, steps=10),
     "dpmpp2m20": functools.partial(DPMSolverPP2MSampler, steps=20),
+    "dpmpp3m10": functools.partial(DPMSolverPP3MSampler, steps=10),
+    "unipc10": functools.partial(UniPCSampler, steps=10),
+    # 5 calls: a lower start (σ_max = 10) measured best (README, "Few-step sampling")
+    "unipc5": functools.partial(UniPCSampler, steps=5, sigma_max=10.0),
     "heun18": functools.partial(HeunSampler, steps=18),
     "euler_a50": functools.partial(EulerAncestralSampler, steps=50),
 }
@@ -48,8 +58,10 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",
+    "DPMSolverPP3MSampler",
     "EulerAncestralSampler",
     "HeunSampler",
     "Sampler",
+    "UniPCSampler",
     "get_sampler",
 ]

@@ -22,6 +22,8 @@ from diffusion.sampling.base import Sampler
 _SKIP_RULES = {
     "uniform": _steps.uniform_skip_timesteps,
     "quadratic": _steps.quadratic_skip_timesteps,
+    "trailing": _steps.trailing_timesteps,
+    "linspace": _steps.evenly_spaced_timesteps,
 }
 
 
@@ -35,7 +37,10 @@ class DDIMSampler(Sampler):
         eta: η of DDIM eq. 16, in [0, 1] as in the paper (0 = deterministic).
         skip: how N steps are chosen among T: ``"uniform"`` (``range(0, T, k)`` with exactly
             N entries; DDIM's ``T // N`` stride whenever N divides T, improved-diffusion's
-            ``"ddimN"``) or ``"quadratic"`` (DDIM's τ_i = floor(c i²), last step 0.8 T).
+            ``"ddimN"``; the field's "leading" grid), ``"quadratic"`` (DDIM's τ_i = floor(c i²),
+            last step 0.8 T), ``"trailing"`` (Lin et al. 2023: from T − 1 down by T/N, the
+            last call at T/N − 1) or ``"linspace"`` (N evenly spaced from T − 1 to 0, rounded:
+            improved-diffusion's ``respacing="N"``).
         respacing: section counts ``"10,15,20"`` instead of ``steps`` and ``skip``.
     """
 

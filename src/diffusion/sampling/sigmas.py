@@ -83,39 +83,81 @@ class NoiseLevels:
 
 
 # ---------------------------------------------------------------- step schedules
-def time_uniform_sigmas(levels: NoiseLevels, n: int, rho: float) -> np.ndarray:
-    """σ at n steps uniform in the discrete t, from T−1 down to 0 (DPM-Solver's
-    "time_uniform", arXiv 2206.00927 sec. 3.3; the DDIM/IDDPM evenly spaced steps)."""
-    return levels.t_to_sigma(np.linspace(levels.num_timesteps - 1, 0, n))
+# A grid is the N noise levels at which the model is evaluated, descending, then σ = 0: the
+# last step goes from the N-th level to the data with x_0 = D (the ODE's slope (x̃ − D)/σ is
+# singular at 0, so every solver's last update is first order there, DDIM's included).
+#
+# Grids in the discrete time t (the field's names; Lin et al. 2023, arXiv 2305.08891, Table 2),
+# for t in [0, T − 1] (S = T steps):
+#   leading   t_i = i·⌊S/N⌋, i < N          DDIM's and improved-diffusion's "ddimN" when N | T:
+#                                          starts below T − 1 and spends its last call at t = 0
+#   trailing  t_i = round(S − i·S/N) − 1   starts at T − 1; the last call at t = T/N − 1
+#   linspace  N reals from T − 1 to 0      the evenly spaced steps (IDDPM sec. 4; "time_uniform")
+# Grids in σ, N + 1 levels from σ_hi down to σ_lo of which the first N are evaluated (the step
+# from the N-th level goes to 0 instead of σ_lo, whose evaluation would change nothing):
+#   logsnr    uniform in λ = −log σ         DPM-Solver, arXiv 2206.00927 sec. 3.3
+#   karras    σ^{1/ρ} uniform               EDM eq. 5
+# σ_hi is the process's σ_{T−1} unless ``sigma_max`` caps it: a cosine schedule's σ_{T−1} is
+# 2·10⁴ at T = 1000 (σ_{T−2} = 642), where D is the data mean, so the first calls of an
+# uncapped grid are wasted (EDM caps at 80). σ_lo is σ_0 unless ``sigma_min`` raises it. On
+# the t grids the caps narrow [0, T − 1] to [t(σ_lo), t(σ_hi)] (then S = t(σ_hi) + 1 − t(σ_lo)).
+# Every σ sampler's default grid, chosen by measurement (README, "Few-step sampling";
+# bench/nfe_quality.py on the quickstart): Karras's ρ = 7 levels from σ = 80 (EDM's cap) down.
+# At 5 to 20 NFE it beat the logSNR grid and the t grids at 10 and 20 NFE, and an uncapped
+# grid everywhere (a cosine schedule's σ_{T−1} = 2·10⁴ spends the first calls on D = the mean).
+DEFAULT_SIGMA_MAX = 80.0
+
+TIME_SCHEDULES = ("leading", "trailing", "linspace", "time_uniform")
+SIGMA_SCHEDULES = ("logsnr", "karras")
+SCHEDULES = (*TIME_SCHEDULES, *SIGMA_SCHEDULES)
 
 
-def logsnr_sigmas(levels: NoiseLevels, n: int, rho: float) -> np.ndarray:
-    """n steps uniform in λ = −log σ (DPM-Solver's "logSNR", arXiv 2206.00927 sec. 3.3)."""
-    return np.exp(np.linspace(math.log(levels.sigma_max), math.log(levels.sigma_min), n))
+def grid_timesteps(schedule: str, n: int, t_hi: float, t_lo: float = 0.0) -> np.ndarray:
+    """The n (fractional) timesteps of a time grid over [t_lo, t_hi], descending (integers
+    for the uncapped [0, T − 1])."""
+    if schedule in ("linspace", "time_uniform"):
+        return np.linspace(t_hi, t_lo, n)
+    span = t_hi + 1.0 - t_lo
+    if schedule == "leading":
+        grid = t_lo + np.arange(n)[::-1] * math.floor(span / n)
+    else:  # trailing
+        grid = t_lo + np.round(span - np.arange(n) * span / n) - 1.0
+    return np.clip(grid, t_lo, t_hi)
 
 
-def karras_sigmas(levels: NoiseLevels, n: int, rho: float) -> np.ndarray:
-    """EDM eq. 5: σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N."""
-    ramp = np.linspace(0.0, 1.0, n)
-    lo, hi = levels.sigma_min ** (1.0 / rho), levels.sigma_max ** (1.0 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+def sigma_range(levels: NoiseLevels, sigma_max: float | None, sigma_min: float | None) -> tuple[float, float]:
+    """(σ_hi, σ_lo): the process's range, narrowed by the caps."""
+    hi = levels.sigma_max if sigma_max is None else min(float(sigma_max), levels.sigma_max)
+    lo = levels.sigma_min if sigma_min is None else max(float(sigma_min), levels.sigma_min)
+    if not lo < hi:
+        raise ValueError(
+            f"sigma_min={sigma_min} and sigma_max={sigma_max} leave no range inside the process's "
+            f"[{levels.sigma_min:.4g}, {levels.sigma_max:.4g}]: give sigma_min < sigma_max"
+        )
+    return hi, lo
 
 
-SCHEDULES = {
-    "time_uniform": time_uniform_sigmas,
-    "logsnr": logsnr_sigmas,
-    "karras": karras_sigmas,
-}
-
-
-def step_sigmas(schedule: str, levels: NoiseLevels, n: int, rho: float = 7.0) -> np.ndarray:
-    """(n + 1,) descending: n noise levels from σ_max = σ_{T−1} to σ_min = σ_0, then 0."""
+def step_sigmas(schedule: str, levels: NoiseLevels, n: int, rho: float = 7.0,
+                sigma_max: float | None = None, sigma_min: float | None = None) -> np.ndarray:
+    """(n + 1,) descending: the n evaluated noise levels (see above), then 0."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    sigmas = SCHEDULES[schedule](levels, n, rho)
-    sigmas[0] = levels.sigma_max  # exact end points (the interpolations may miss by an ulp)
-    if n > 1:
-        sigmas[-1] = levels.sigma_min
+    hi, lo = sigma_range(levels, sigma_max, sigma_min)
+    if schedule in TIME_SCHEDULES:
+        t_hi = levels.num_timesteps - 1.0 if sigma_max is None else levels.sigma_to_t(hi)
+        t_lo = 0.0 if sigma_min is None else levels.sigma_to_t(lo)
+        sigmas = levels.t_to_sigma(grid_timesteps(schedule, n, t_hi, t_lo))
+    elif schedule == "logsnr":
+        sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n + 1))[:n]
+    else:
+        ramp = np.linspace(0.0, 1.0, n + 1)[:n]
+        sigmas = (hi ** (1.0 / rho) + ramp * (lo ** (1.0 / rho) - hi ** (1.0 / rho))) ** rho
+    sigmas[0] = min(sigmas[0], hi) if schedule in TIME_SCHEDULES else hi  # exact end point
+    if not (np.diff(sigmas) < 0).all():
+        raise ValueError(
+            f"{n} steps of the {schedule!r} grid between σ = {hi:.4g} and {lo:.4g} repeat a noise "
+            f"level: ask for fewer steps or widen sigma_max/sigma_min"
+        )
     return np.append(sigmas, 0.0)
 
 
@@ -218,14 +260,21 @@ class ContinuousSampler(Sampler):
     respaced: the model is called at fractional timesteps of the base process.
 
     Args:
-        steps: the number N of noise levels σ_0 > ... > σ_{N−1} > 0 = σ_N.
-        schedule: how they are placed: ``"time_uniform"``, ``"logsnr"``, ``"karras"``.
+        steps: the number N of evaluated noise levels σ_0 > ... > σ_{N−1} > 0 = σ_N.
+        schedule: how they are placed (see "step schedules" above): ``"leading"``,
+            ``"trailing"``, ``"linspace"`` (= ``"time_uniform"``) in t; ``"logsnr"``,
+            ``"karras"`` in σ.
         rho: ρ of the Karras schedule (EDM eq. 5); unused by the others.
+        sigma_max, sigma_min: the grid's range, inside the process's [σ_0, σ_{T−1}] (None:
+            that end of it; on the t grids, t(σ_min) to t(σ_max)). The sampler starts at σ_max from x_T ~ N(0, I) taken as
+            the noisy image at t(σ_max), as DDIM's leading grid starts below T − 1.
     """
 
     steps: int = 20
-    schedule: str = "logsnr"
+    schedule: str = "karras"
     rho: float = 7.0
+    sigma_max: float | None = DEFAULT_SIGMA_MAX
+    sigma_min: float | None = None
 
     def __post_init__(self):
         _steps.check_steps(self.steps)
@@ -234,11 +283,16 @@ class ContinuousSampler(Sampler):
         self.rho = float(self.rho)
         if not self.rho > 0:
             raise ValueError(f"rho must be positive (EDM eq. 5), got {self.rho}")
+        for name in ("sigma_max", "sigma_min"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive noise level or null, got {value!r}")
 
     def sigmas(self, diffusion) -> np.ndarray:
-        """The (steps + 1,) noise levels the solver steps through, ending at 0."""
+        """The (steps + 1,) noise levels the solver steps through: ``steps`` evaluated, then 0."""
         _steps.check_steps(self.steps, diffusion.num_timesteps)
-        return step_sigmas(self.schedule, NoiseLevels(diffusion), self.steps, self.rho)
+        return step_sigmas(self.schedule, NoiseLevels(diffusion), self.steps, self.rho,
+                           self.sigma_max, self.sigma_min)
 
     def _evaluated_sigmas(self, sigmas: np.ndarray) -> np.ndarray:
         """The σ's at which the model is called (default: every level but the final 0)."""
@@ -251,18 +305,19 @@ class ContinuousSampler(Sampler):
     def timesteps(self, num_timesteps) -> list[float]:
         """The fractional original timesteps at which the model is called, ascending and
         distinct. They follow the process's σ_t, so pass the process (``timesteps(diffusion)``);
-        an int T suffices only for ``schedule="time_uniform"`` without stochastic churn."""
+        an int T suffices only for the uncapped time grids without stochastic churn."""
         if not isinstance(num_timesteps, (int, np.integer)):
             levels = NoiseLevels(num_timesteps)
             sigmas = self._evaluated_sigmas(self.sigmas(num_timesteps))
             return sorted({levels.sigma_to_t(float(s)) for s in sigmas})
-        if self.schedule != "time_uniform" or self._has_churn():
+        capped = self.sigma_max is not None or self.sigma_min is not None
+        if self.schedule not in TIME_SCHEDULES or self._has_churn() or capped:
             raise ValueError(
                 f"the {self.schedule!r} schedule's timesteps depend on the process's noise "
                 f"levels: call timesteps(diffusion) instead of timesteps({num_timesteps})"
             )
         _steps.check_steps(self.steps, int(num_timesteps))
-        return sorted({float(t) for t in np.linspace(num_timesteps - 1, 0, self.steps)})
+        return sorted({float(t) for t in grid_timesteps(self.schedule, self.steps, num_timesteps - 1.0)})
 
     def num_function_evals(self, num_timesteps: int) -> int:
         """One model call per noise level (second-order multistep methods reuse the last)."""

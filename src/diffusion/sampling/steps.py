@@ -9,6 +9,7 @@ steps from the one asked for: where a rule cannot give exactly N steps it raises
 | evenly spaced | IDDPM sec. 4 (arXiv 2102.09672) | ``space_timesteps(T, [N])``: N evenly spaced reals in [0, T-1], rounded as improved-diffusion does |
 | uniform skip | DDIM App. D.2 (arXiv 2010.02502) | ``range(0, T, k)``, k the smallest stride with exactly N entries |
 | quadratic skip | DDIM App. D.2 | ``floor((i * sqrt(0.8 T) / (N-1))^2)``, i = 0..N-1 |
+| trailing | Lin et al. 2023, Table 2 (arXiv 2305.08891) | ``round(T - i T/N) - 1``, i = 0..N-1: from T-1 down |
 | section counts | improved-diffusion ``timestep_respacing`` | ``space_timesteps(T, "a,b,c")`` |
 
 The uniform skip: the DDIM authors' code takes ``k = T // N`` and keeps ``range(0, T, k)``,
@@ -96,6 +97,14 @@ def uniform_skip_timesteps(num_timesteps: int, steps: int) -> list[int]:
             f"respacing='{steps}' (evenly spaced, rounded) instead"
         )
     return kept
+
+
+def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """Lin et al. 2023 (arXiv 2305.08891, sec. 3.3, Table 2) "trailing": round(T − i T/N) − 1,
+    i = 0..N-1, so that sampling starts at the last step T − 1 (where the noise x_T is what
+    the model was trained on) and the last call is at T/N − 1, not at t = 0."""
+    check_steps(steps, num_timesteps)
+    return sorted(int(t) for t in np.round(np.arange(num_timesteps, 0, -num_timesteps / steps))[:steps] - 1)
 
 
 def quadratic_skip_timesteps(num_timesteps: int, steps: int) -> list[int]:
