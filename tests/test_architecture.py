@@ -29,9 +29,10 @@ ALLOWED = {
     "checkpoint": {"process", "nets", "utils"},
     "convert": {"checkpoint", "nets", "utils"},
     "evaluation": {"evaluation", "process", "data", "utils"},
-    "training": {"training", "process", "nets", "sampling", "data", "checkpoint", "utils"},
+    "training": {"training", "process", "nets", "sampling", "data", "checkpoint", "plot", "utils"},
     "jobs": {"jobs", "sampling", "evaluation", "checkpoint", "data", "process", "utils"},
     "cli": {"cli", "training", "jobs"},  # the entry points' functions: compose, then one call
+    "plot": {"utils"},  # python -m diffusion.plot: a run's CSV log as a PNG (a report, no model)
     "__init__": {"utils", "_torchvision_compat", "process", "nets"},
     "_torchvision_compat": set(),
 }
@@ -48,6 +49,7 @@ FORBIDDEN = {
     "evaluation": LIGHTNING | CONFIG,
     "jobs": LIGHTNING,
     "cli": LIGHTNING,
+    "plot": LIGHTNING | CONFIG,  # reads a CSV: plotting an old run needs neither
     "training": set(),
     "__init__": LIGHTNING | CONFIG,
     "_torchvision_compat": LIGHTNING | CONFIG,

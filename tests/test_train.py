@@ -58,6 +58,8 @@ def test_run_writes_config_checkpoints_metrics_and_grids(compose_cfg, tmp_path):
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/bpd") for r in rows)
     assert any(name.endswith(".png") for name in os.listdir(out / "samples"))
+    with open(out / "metrics.png", "rb") as handle:  # MetricsPlot, redrawn after the test
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert metrics["val/bpd"] > 0 and metrics["test/bpd"] > 0
 
     checkpoint = torch.load(

@@ -1,4 +1,5 @@
-"""`SampleGrid`: a fixed-noise grid of DDIM samples during training; `ProgressBar`.
+"""`SampleGrid`: a fixed-noise grid of DDIM samples during training; `ProgressBar`;
+`MetricsPlot`: the run's loss and metrics as one PNG when fit and test end.
 
 Watching samples from the same starting noise x_T at every checkpoint shows how the model
 (with its EMA weights) converges far better than the loss does. DDIM with η = 0 (DDIM
@@ -11,6 +12,7 @@ it visits the same steps and shows what sample.py would draw from the same noise
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -18,14 +20,17 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from diffusion.plot import DEFAULT_FILENAME, plot_metrics, run_title
 from diffusion.sampling import DDIMSampler
 from diffusion.training.ema import EMA
 from diffusion.utils.checks import require_int
 from diffusion.utils.images import save_grid, save_image_grid, to_uint8
 
 LOG_KEY = "train/samples"
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -240,3 +245,53 @@ class ProgressBar(RichProgressBar):
                 and self._bounded_by_steps(self.trainer):
             current = self.trainer.global_step
         super()._update(progress_bar_id, current, visible, hard)
+
+
+class MetricsPlot(L.Callback):
+    """When fit ends, and again when test ends (adding test/bpd), draw the run's CSV log as
+    one PNG (`diffusion.plot.plot_metrics`, what ``python -m diffusion.plot RUN_DIR`` draws):
+    training loss, loss per quarter of t, bits/dim, learning rate. Also when a run stops
+    on an error or a signal, with what was logged until then.
+
+    Only global rank 0 draws, and only with a CSV logger (``logger=csv``, the default). A
+    plot that cannot be drawn (a full disk, a log with nothing to plot) is a warning in the
+    log, never a failed run. Not after a fast_dev_run, which logs nothing.
+
+    Args:
+        path: the PNG; default ``<trainer.default_root_dir>/metrics.png``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.drawn: tuple[str, ...] = ()  # the panels of the last plot written
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After the stage's last logging; the loggers' own final save comes after this hook.
+        if stage in ("fit", "test"):
+            self.draw(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.draw(trainer)
+
+    def draw(self, trainer: L.Trainer) -> str | None:
+        """Flush the CSV logger and draw its file; returns the PNG's path, or None (not rank
+        0, no CSV logger, nothing logged yet, a fast_dev_run, or a failure, which is logged
+        as a warning)."""
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if not trainer.is_global_zero or csv_logger is None or trainer.fast_dev_run:
+            return None
+        if csv_logger._experiment is None:  # a stop before fit began: asking would create csv/
+            return None
+        path = self.path or os.path.join(trainer.default_root_dir, DEFAULT_FILENAME)
+        try:
+            csv_logger.save()  # rows still buffered in the logger
+            csv_path = csv_logger.experiment.metrics_file_path
+            if not os.path.isfile(csv_path):  # no metric logged yet: nothing to draw
+                return None
+            drawn = plot_metrics(csv_path, path, title=run_title(trainer.default_root_dir))
+        except Exception as err:  # a plot is a report: it never fails the run
+            log.warning("metrics plot %s not drawn: %s", path, " ".join(str(err).split()))
+            return None
+        self.drawn = drawn.panels
+        return drawn.path
