@@ -25,6 +25,7 @@ COMMANDS = {
     "train": (["--cfg", "job", "--resolve"], QUICKSTART),
     "sample": (["--help"], ["sample is powered by Hydra", "ddim50", "ckpt: ???"]),
     "evaluate": (["--help"], ["evaluate is powered by Hydra", "ddim50", "metric: nll"]),
+    "distill": (["--help"], ["distill is powered by Hydra", "start_steps: 32", "ckpt: ???"]),
 }
 
 

@@ -12,6 +12,7 @@ train.py (through Lightning) and `python -m diffusion.convert` write the same la
         "label_dropout": float,                          # > 0: the UNet has a null class
       },
       "global_step": int, ...                            # Lightning's own entries
+      "distilled": {"method", "steps", "sampler": {...}},  # distill.py's students only
     }
 
 A run with post-hoc EMA (`diffusion.training.posthoc_ema`) also keeps snapshots of its
@@ -143,6 +144,7 @@ class LoadedCheckpoint:
     weights: str  # which weights were loaded: "ema_<rate>", "raw" or "phema_<σ_rel>"
     global_step: int | None
     posthoc_ema: dict[str, Any] | None = None  # the checkpoint's "phema" entry: its run kept snapshots
+    distilled: dict[str, Any] | None = None  # distill.py's students: method, steps and the sampler config
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -237,7 +239,7 @@ def load_checkpoint(path: str, weights: str = "ema") -> LoadedCheckpoint:
         model=model, diffusion=diffusion, config=config,
         image_shape=(hparams["in_channels"], hparams["image_size"], hparams["image_size"]),
         num_classes=hparams["num_classes"], weights=chosen, global_step=checkpoint.get("global_step"),
-        posthoc_ema=checkpoint.get(PHEMA_KEY),
+        posthoc_ema=checkpoint.get(PHEMA_KEY), distilled=checkpoint.get("distilled"),
     )
 
 

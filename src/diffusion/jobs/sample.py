@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion.checkpoint import LoadedCheckpoint, load_checkpoint, load_posthoc_ema
 from diffusion.jobs.checks import (
@@ -42,6 +42,7 @@ from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY
 from diffusion.utils.atomic import atomic_savez, remove_stale_temporaries
 from diffusion.utils.checks import UnwritableError, require_writable_dir
+from diffusion.utils.errors import ConfigError
 from diffusion.utils.images import save_image_grid, to_uint8
 from diffusion.utils.lock import folder_lock
 
@@ -163,12 +164,29 @@ def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[Lo
     input can fail, before anything is written. Returns (checkpoint, sampler, devices)."""
     check_sample_settings(cfg)
     devices = resolve_devices(cfg.device, cfg.num_devices)
-    sampler = build_sampler(cfg.sampler)
+    # a bad sampler setting fails before the checkpoint is read; sampler=student needs it read
+    sampler = None if cfg.sampler.get("from_checkpoint") else build_sampler(cfg.sampler)
     if loaded is None:
         loaded = load_chosen_weights(cfg)
+    if sampler is None:
+        use_checkpoint_sampler(cfg, loaded)
+        sampler = build_sampler(cfg.sampler)
     check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
     check_class_labels(cfg.class_labels, loaded.num_classes)
     return loaded, sampler, devices
+
+
+def use_checkpoint_sampler(cfg: DictConfig, loaded: LoadedCheckpoint) -> None:
+    """``sampler=student``: put the sampler a distilled checkpoint was trained for (its step
+    count and grid) in ``cfg.sampler``, so that the shard key and the workers see it."""
+    named = (loaded.distilled or {}).get("sampler")
+    if not named:
+        raise ConfigError(
+            f"sampler=student: {cfg.ckpt} names no sampler (it is not a student of distill.py); "
+            f"choose one, e.g. sampler=ddim50 or sampler=unipc10"
+        )
+    with open_dict(cfg):
+        cfg.sampler = OmegaConf.create(named)
 
 
 def load_chosen_weights(cfg: DictConfig) -> LoadedCheckpoint:
