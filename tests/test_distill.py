@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import OmegaConf
 
 from diffusion import GaussianDiffusion, get_named_beta_schedule
@@ -187,6 +188,24 @@ def test_distill_rounds_resume_refuse_and_sample(tmp_path, tiny_ckpt, monkeypatc
     assert result["num_images"] == 4 and calls == [2]
     assert OmegaConf.select(cfg, "sampler.steps") == 2  # the shard key saw the concrete sampler
 
+    # consistency distillation: one round, a one-step student with its own sampler
+    from diffusion.sampling import ConsistencySampler  # noqa: PLC0415
+
+    consistency = distill(compose_config("distill", [
+        f"ckpt={tiny_ckpt}", "method=consistency", "student_steps=1", "consistency_levels=6", "steps_per_round=3",
+        "batch_size=16", "progress=false"], tmp_path / "consistency"))
+    assert sorted(os.listdir(tmp_path / "consistency")) == ["config.yaml", "consistency", "student.ckpt"]
+    student = load_checkpoint(consistency)
+    assert student.distilled["method"] == "consistency"
+    from diffusion.checkpoint import read_checkpoint  # noqa: PLC0415
+
+    keys = read_checkpoint(consistency)["state_dict"]
+    assert keys and all(k.startswith("model.") for k in keys)  # the target network stays out of the layout
+    cfg = compose_config("sample", [f"ckpt={consistency}", "sampler=student", "num_samples=4", "batch_size=4",
+                                    "progress=false"], tmp_path / "samples_cd")
+    assert sample(cfg)["num_images"] == 4
+    assert isinstance(hydra_instantiate(cfg.sampler), ConsistencySampler) and cfg.sampler.steps == 1
+
 
 def test_distill_settings_are_checked(tmp_path):
     from diffusion.training.distill import check_settings, round_steps  # noqa: PLC0415
@@ -199,7 +218,8 @@ def test_distill_settings_are_checked(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             round_steps(compose_config("distill", ["ckpt=unused", *overrides], tmp_path))
-    for overrides, message in [(["method=consistency"], "method='consistency'"),
+    for overrides, message in [(["method=adversarial"], "method='adversarial': choose method=progressive or"),
+                               (["method=consistency", "target_decay=1"], "target_decay=1 must be in"),
                                (["steps_per_round=0"], "steps_per_round=0 must be a positive integer"),
                                (["lr=0"], "lr=0"), (["ema_decay=1.0"], "ema_decay=1.0 must be in")]:
         with pytest.raises(ConfigError, match=message):
@@ -215,3 +235,85 @@ def test_sampler_student_needs_a_student(tmp_path, tiny_ckpt, monkeypatch):
     with pytest.raises(ConfigError, match="sampler=student: .* names no sampler .*sampler=ddim50"):
         sample(cfg)
     assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
+
+
+# ------------------------------------------------------------ consistency distillation
+def test_consistency_function_keeps_the_boundary_and_levels_are_karras():
+    from diffusion.sampling.distillation import (
+        consistency_function,
+        consistency_levels,
+        consistency_scalings,
+    )
+
+    levels = consistency_levels(DIFFUSION, 18, sigma_max=80.0)
+    sigma_min = NoiseLevels(DIFFUSION).sigma_min
+    assert levels.shape == (18,) and levels[0] == sigma_min and levels[-1] == 80.0 and (np.diff(levels) > 0).all()
+    ramp = (levels ** (1 / 7) - sigma_min ** (1 / 7)) / (80.0 ** (1 / 7) - sigma_min ** (1 / 7))
+    np.testing.assert_allclose(ramp, np.linspace(0, 1, 18), atol=1e-12)  # EDM eq. 5
+    x = torch.randn(8, 1, 2, 2, dtype=F64)
+    assert consistency_scalings(sigma_min, sigma_min) == (1.0, 0.0)
+    torch.testing.assert_close(consistency_function(lambda *a: 1 / 0, x, sigma_min, sigma_min), x)  # D unused
+    c_skip, c_out = consistency_scalings(80.0, sigma_min)
+    assert c_skip < 1e-4 and c_out > 0.99  # far from σ_min, f is the denoiser's x̂_0
+    with pytest.raises(ValueError, match="num_levels=1 must be an integer ≥ 2"):
+        consistency_levels(DIFFUSION, 1)
+
+
+def test_consistency_loss_vanishes_exactly_at_the_teachers_trajectory_map():
+    """The fixed point of consistency distillation with a DDIM teacher on N levels is
+    f(x̃, σ_k) = the end at σ_min of the teacher's DDIM steps down the levels from (x̃, σ_k).
+    For Gaussian data that map is affine at each level, and an affine ε-student can be set to
+    it: then the module's loss is zero at every level (to 1e-24, rounding) and the one-step
+    sampler reproduces the 17-step trajectory end (to 1e-12), while a student whose ε̂ is off
+    by 1e-3 has a loss > 1e-8 at some level. Training from a zero student lowers the loss."""
+    from diffusion.sampling import ConsistencySampler  # noqa: PLC0415
+    from diffusion.sampling.distillation import consistency_scalings  # noqa: PLC0415
+    from diffusion.training.distill import ConsistencyDistillation  # noqa: PLC0415
+
+    levels = NoiseLevels(DIFFUSION)
+    module = ConsistencyDistillation(AffineEps([0.0]), GaussianDataDenoiser(DIFFUSION, MU, S), DIFFUSION, steps=1,
+                                     num_levels=18, rho=7.0, sigma_max=80.0, target_decay=0.0, lr=0.0,
+                                     num_classes=None, clip_teacher=False)
+    sigmas = [float(x) for x in module.levels]  # ascending, sigmas[0] = σ_min
+
+    def trajectory_end(x, k):  # the teacher's DDIM steps from sigmas[k] down to σ_min
+        for j in range(k, 0, -1):
+            x = ddim_step(x, TEACHER(x, sigmas[j]), sigmas[j], sigmas[j - 1])
+        return x
+
+    student = AffineEps([levels.sigma_to_t(s) for s in sigmas[1:]])
+    with torch.no_grad():
+        for k in range(1, len(sigmas)):  # f = A x̃ + B; D = x̃ − σ ε̂ with ε̂ = a c_in x̃ + b
+            zero, one = (trajectory_end(torch.full((1, 1, 1, 1), v, dtype=F64), k).item() for v in (0.0, 1.0))
+            slope, shift = one - zero, zero
+            sigma, c_in = sigmas[k], 1 / math.sqrt(1 + sigmas[k] ** 2)
+            c_skip, c_out = consistency_scalings(sigma, sigmas[0])
+            student.a[k - 1] = (c_skip + c_out - slope) / (c_out * sigma * c_in)
+            student.b[k - 1] = -shift / (c_out * sigma)
+    module.model, module.target = student, student
+    x_start = MU + S * torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    with torch.no_grad():
+        losses = [float(module.distillation_loss(x_start, None, n)) for n in range(module.num_levels())]
+        assert max(losses) < 1e-24, losses
+        noise = torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+        one_step = ConsistencySampler(steps=1, sigma_max=80.0)(DIFFUSION, student, noise=noise, clip_denoised=False)
+        torch.testing.assert_close(one_step, trajectory_end(noise * math.sqrt(1 + 80.0**2), 17), rtol=0, atol=1e-12)
+        student.b.add_(1e-3)  # off the map
+        assert max(float(module.distillation_loss(x_start, None, n)) for n in range(module.num_levels())) > 1e-8
+
+    # from a zero ε̂ (D = x̃), the module's loss and Adam lower the total loss
+    teacher_like = AffineEps([levels.sigma_to_t(s) for s in sigmas[1:]])
+    module.model = module.target = teacher_like
+    optimizer = torch.optim.Adam(teacher_like.parameters(), lr=0.01)
+    torch.manual_seed(5)
+
+    def total_loss():
+        with torch.no_grad():
+            return sum(float(module.distillation_loss(x_start, None, n)) for n in range(module.num_levels()))
+
+    before = total_loss()
+    for iteration in range(300):
+        optimizer.zero_grad()
+        module.distillation_loss(x_start, None, iteration % module.num_levels()).backward()
+        optimizer.step()
+    assert total_loss() < before / 2

@@ -17,6 +17,7 @@ from diffusion.sampling.base import Sampler
 from diffusion.sampling.ddim import DDIMSampler
 from diffusion.sampling.ddpm import DDPMSampler
 from diffusion.sampling.solvers import (
+    ConsistencySampler,
     DPMSolverPP2MSampler,
     DPMSolverPP3MSampler,
     EulerAncestralSampler,
@@ -55,6 +56,7 @@ def get_sampler(name: str, **overrides) -> Sampler:
 
 __all__ = [
     "SAMPLERS",
+    "ConsistencySampler",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",

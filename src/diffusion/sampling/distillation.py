@@ -65,3 +65,44 @@ def student_target(teacher, x: torch.Tensor, sigma: float, sigma_mid: float, sig
 def truncated_snr_weight(sigma: float) -> float:
     """max(SNR, 1) with SNR = α²/σ_VP² = 1/σ² in VE coordinates (Salimans & Ho 2022, sec. 4)."""
     return max(1.0 / sigma**2, 1.0)
+
+
+# ------------------------------------------------------------ consistency distillation
+# Consistency distillation (Song et al. 2023, arXiv 2303.01469, Alg. 2): a student f(x̃, σ) that
+# maps any point of a probability-flow trajectory to its end at σ_min, trained so that f at
+# (x̃_{n+1}, σ_{n+1}) agrees with the target network at the teacher's ODE step from there,
+# (x̂_n, σ_n), with f(x̃, σ_min) = x̃ built in (the boundary condition, sec. 3):
+#
+#     f(x̃, σ) = c_skip(σ) x̃ + c_out(σ) D(x̃; σ),
+#     c_skip = σ_d² / ((σ − σ_min)² + σ_d²),   c_out = (σ − σ_min) / √((σ − σ_min)² + σ_d²),
+#
+# Song et al.'s App. C form with the σ_min offset, written around the model's denoiser D
+# rather than the raw network (as latent consistency models do, Luo et al. 2023, eq. 4's
+# scalings) so that c_out → 1 away from σ_min and the student starts as its teacher's D.
+SIGMA_DATA = 0.5  # EDM's σ_data for images in [−1, 1]
+
+
+def consistency_scalings(sigma: float, sigma_min: float, sigma_data: float = SIGMA_DATA) -> tuple[float, float]:
+    """(c_skip, c_out) above: (1, 0) at σ = σ_min, so f(x̃, σ_min) = x̃ whatever D is."""
+    offset = sigma - sigma_min
+    return sigma_data**2 / (offset**2 + sigma_data**2), offset / (offset**2 + sigma_data**2) ** 0.5
+
+
+def consistency_function(denoise, x: torch.Tensor, sigma: float, sigma_min: float,
+                         sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """f(x̃, σ) = c_skip x̃ + c_out D(x̃; σ) for a denoiser ``denoise``."""
+    c_skip, c_out = consistency_scalings(sigma, sigma_min, sigma_data)
+    if c_out == 0:
+        return x
+    return c_skip * x + c_out * denoise(x, sigma)
+
+
+def consistency_levels(diffusion, num_levels: int, rho: float = 7.0, sigma_max: float | None = None) -> np.ndarray:
+    """The N ≥ 2 training levels σ_max = σ_{N−1} > ... > σ_0 = σ_min of the process (its σ at
+    t = 0), Karras's ρ-spacing (Song et al. 2023, sec. 3, after EDM eq. 5), ascending."""
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+        raise ValueError(f"num_levels={num_levels!r} must be an integer ≥ 2 (Song et al. use 18 to 40)")
+    levels = NoiseLevels(diffusion)
+    descending = step_sigmas("karras", levels, num_levels - 1, rho, sigma_max)  # N − 1 levels, then 0
+    descending[-1] = levels.sigma_min
+    return descending[::-1].copy()

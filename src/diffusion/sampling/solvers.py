@@ -7,6 +7,7 @@
 | ``UniPCSampler`` | UniPC, Zhao et al. 2023, arXiv 2302.04867, Alg. 2-3 (B(h) of eq. 8) | N |
 | ``HeunSampler`` | Karras et al. 2022 (EDM), arXiv 2206.00364, Alg. 1 and 2 | 2N − 1 |
 | ``EulerAncestralSampler`` | k-diffusion's ``sample_euler_ancestral`` | N |
+| ``ConsistencySampler`` | consistency models, Song et al. 2023, arXiv 2303.01469, Alg. 1 | N |
 
 All work on x̃ = x_t/√ᾱ (VE coordinates) from x̃ = x_T √(1 + σ_max²), x_T ~ N(0, I) as for
 DDIM, and finish with x_0 = D(x̃; σ_{N−1}) (the step to σ = 0, where the ODE's slope
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from diffusion.process._tensor import randn_like
+from diffusion.sampling.distillation import SIGMA_DATA, consistency_function
 from diffusion.sampling.sigmas import ContinuousSampler, progress_range
 
 # Below this many levels the last steps drop to lower orders (DPM-Solver, arXiv 2206.00927
@@ -338,3 +340,32 @@ class EulerAncestralSampler(ContinuousSampler):
             if sigma_up > 0:
                 x = x + sigma_up * self.s_noise * randn_like(x, generator)
         return x
+
+
+# ------------------------------------------------------------------- consistency models
+@dataclasses.dataclass
+class ConsistencySampler(ContinuousSampler):
+    """Multistep consistency sampling (Song et al. 2023, arXiv 2303.01469, Alg. 1) of a
+    consistency student of distill.py (``method=consistency``): x_0 = f(x̃, σ_max) from the
+    noise, then at each further level σ_k of the grid, x̃ = x_0 + √(σ_k² − σ_min²) z and
+    x_0 = f(x̃, σ_k), with f the student's consistency function
+    (``diffusion.sampling.distillation.consistency_function``) and σ_min the process's σ_0.
+    One model call per level; ``steps`` = 1 is the one-step sampler.
+
+    Args:
+        steps, schedule, rho, sigma_max, sigma_min: the levels, as for every σ sampler.
+        sigma_data: σ_d of the consistency scalings (0.5 for images in [−1, 1]).
+    """
+
+    steps: int = 1
+    sigma_data: float = SIGMA_DATA
+
+    def _solve(self, denoise, x, sigmas, generator, progress):
+        boundary = denoise.levels.sigma_min
+        x0 = x
+        for i in progress_range(len(sigmas) - 1, progress):
+            sigma = float(sigmas[i])
+            if i > 0:
+                x = x0 + math.sqrt(max(sigma**2 - boundary**2, 0.0)) * randn_like(x0, generator)
+            x0 = consistency_function(denoise, x, sigma, boundary, self.sigma_data)
+        return x0

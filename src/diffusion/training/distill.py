@@ -15,6 +15,7 @@ rerun with the same settings skips finished rounds and resumes the unfinished on
 
 from __future__ import annotations
 
+import abc
 import copy
 import hashlib
 import json
@@ -36,7 +37,15 @@ from diffusion.checkpoint import (
     save_checkpoint,
 )
 from diffusion.data.module import DataModule
-from diffusion.sampling.distillation import nested_grids, student_target, truncated_snr_weight
+from diffusion.sampling.distillation import (
+    SIGMA_DATA,
+    consistency_function,
+    consistency_levels,
+    ddim_step,
+    nested_grids,
+    student_target,
+    truncated_snr_weight,
+)
 from diffusion.sampling.sigmas import Denoiser
 from diffusion.training.checkpoint_io import AtomicCheckpointIO
 from diffusion.training.ema import EMA
@@ -48,30 +57,22 @@ STUDENT_FILE = "student.ckpt"
 DISTILLED_KEY = "distilled"  # the checkpoint entry that names the student's sampler and its teacher
 
 
-class ProgressiveDistillation(L.LightningModule):
-    """One round: the student ``model`` (N levels) learns two steps of the frozen ``teacher``.
+class Distillation(L.LightningModule, abc.ABC):
+    """What both methods share: the student ``model`` (the only sub-module that the project's
+    layout saves as ``model.*``), the frozen teacher (in a list: not a sub-module, rebuilt
+    from its file), the optimizer, and checkpoints in the project's layout with the run key."""
 
-    Each batch draws one student step i < N (the grid's levels σ_i > σ_{i+1}, the teacher's
-    midpoint σ_{2i+1}) and noises the data to x̃ = x_0 + σ_i ε; the loss is
-    max(1/σ_i², 1) · mean((D_student(x̃; σ_i) − D_s)²) with D_s the target of the module doc of
-    ``diffusion.sampling.distillation``. The teacher's outputs are clipped to [−1, 1] as when it
-    samples (``clip_denoised``); the student's are not, so that the loss sees its error.
+    method = ""
 
-    Only the student is a sub-module: checkpoints hold ``model.*`` (the project's layout) and
-    the teacher is rebuilt from the previous round's file.
-    """
-
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, diffusion, *, steps: int,
-                 schedule: str, rho: float, sigma_max: float | None, sigma_min: float | None,
-                 lr: float, num_classes: int | None, clip_teacher: bool = True,
-                 hyper_parameters: dict | None = None, run_key: str | None = None):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, diffusion, *, steps: int, lr: float,
+                 num_classes: int | None, clip_teacher: bool = True, hyper_parameters: dict | None = None,
+                 run_key: str | None = None):
         super().__init__()
-        self.checkpoint_meta = (hyper_parameters or {}, run_key)
         self.model = student
-        self._teacher = [teacher.eval().requires_grad_(False)]  # in a list: not a sub-module
+        self._teacher = [teacher.eval().requires_grad_(False)]
         self.diffusion, self.steps, self.lr, self.num_classes = diffusion, steps, lr, num_classes
-        self.student_sigmas, self.teacher_sigmas = nested_grids(diffusion, steps, schedule, rho, sigma_max, sigma_min)
         self.clip_teacher = clip_teacher
+        self.checkpoint_meta = (hyper_parameters or {}, run_key)
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -80,24 +81,25 @@ class ProgressiveDistillation(L.LightningModule):
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
 
+    def model_kwargs(self, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"y": labels} if self.num_classes is not None and labels is not None else {}
+
     def denoisers(self, labels: torch.Tensor | None) -> tuple[Denoiser, Denoiser]:
-        kwargs = {"y": labels} if self.num_classes is not None and labels is not None else {}
+        kwargs = self.model_kwargs(labels)
         return (Denoiser(self.diffusion, self.model, kwargs, clip_denoised=False),
                 Denoiser(self.diffusion, self.teacher, kwargs, clip_denoised=self.clip_teacher))
 
+    @abc.abstractmethod
+    def num_levels(self) -> int:
+        """How many training levels (or steps) a batch draws its one from."""
+
+    @abc.abstractmethod
     def distillation_loss(self, x_start: torch.Tensor, labels: torch.Tensor | None, step: int) -> torch.Tensor:
-        """The loss of student step ``step`` (0-based) on clean images ``x_start``."""
-        sigma, sigma_next = float(self.student_sigmas[step]), float(self.student_sigmas[step + 1])
-        sigma_mid = float(self.teacher_sigmas[2 * step + 1])
-        student, teacher = self.denoisers(labels)
-        x = x_start + sigma * torch.randn_like(x_start)
-        with torch.no_grad():
-            target = student_target(teacher, x, sigma, sigma_mid, sigma_next)
-        return truncated_snr_weight(sigma) * (student(x, sigma).float() - target.float()).pow(2).mean()
+        """The loss of level (or step) ``step`` on clean images ``x_start``."""
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x_start, labels = batch
-        step = int(torch.randint(self.steps, ()))
+        step = int(torch.randint(self.num_levels(), ()))
         loss = self.distillation_loss(x_start.float(), labels, step)
         self.log("train/loss", loss, prog_bar=True, batch_size=x_start.shape[0])
         return loss
@@ -110,15 +112,91 @@ class ProgressiveDistillation(L.LightningModule):
         last.ckpt loads like any checkpoint, and the run key that it belongs to."""
         hparams, key = self.checkpoint_meta
         checkpoint["hyper_parameters"] = hparams
-        checkpoint[DISTILLED_KEY] = {"method": "progressive", "steps": self.steps, "run_key": key}
+        checkpoint[DISTILLED_KEY] = {"method": self.method, "steps": self.steps, "run_key": key}
+
+
+class ProgressiveDistillation(Distillation):
+    """One round: the student (N levels) learns two steps of the frozen teacher.
+
+    Each batch draws one student step i < N (the grid's levels σ_i > σ_{i+1}, the teacher's
+    midpoint σ_{2i+1}) and noises the data to x̃ = x_0 + σ_i ε; the loss is
+    max(1/σ_i², 1) · mean((D_student(x̃; σ_i) − D_s)²) with D_s the target of the module doc of
+    ``diffusion.sampling.distillation``. The teacher's outputs are clipped to [−1, 1] as when it
+    samples (``clip_denoised``); the student's are not, so that the loss sees its error.
+    """
+
+    method = "progressive"
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, diffusion, *, steps: int,
+                 schedule: str, rho: float, sigma_max: float | None, sigma_min: float | None, **kwargs: Any):
+        super().__init__(student, teacher, diffusion, steps=steps, **kwargs)
+        self.student_sigmas, self.teacher_sigmas = nested_grids(diffusion, steps, schedule, rho, sigma_max, sigma_min)
+
+    def num_levels(self) -> int:
+        return self.steps
+
+    def distillation_loss(self, x_start: torch.Tensor, labels: torch.Tensor | None, step: int) -> torch.Tensor:
+        """The loss of student step ``step`` (0-based) on clean images ``x_start``."""
+        sigma, sigma_next = float(self.student_sigmas[step]), float(self.student_sigmas[step + 1])
+        sigma_mid = float(self.teacher_sigmas[2 * step + 1])
+        student, teacher = self.denoisers(labels)
+        x = x_start + sigma * torch.randn_like(x_start)
+        with torch.no_grad():
+            target = student_target(teacher, x, sigma, sigma_mid, sigma_next)
+        return truncated_snr_weight(sigma) * (student(x, sigma).float() - target.float()).pow(2).mean()
+
+
+class ConsistencyDistillation(Distillation):
+    """Consistency distillation (Song et al. 2023, arXiv 2303.01469, Alg. 2) with the
+    boundary condition built into f (``diffusion.sampling.distillation``) and a target
+    network θ⁻ ← μ θ⁻ + (1 − μ) θ after every optimizer step (``target``, a sub-module so that
+    a resumed round has it; the EMA callback keeps the weights that are sampled).
+
+    Each batch draws one pair of adjacent training levels σ_n < σ_{n+1} and noises the data to
+    x̃ = x_0 + σ_{n+1} z; the teacher's DDIM step gives x̂ at σ_n; the loss is
+    mean((f_θ(x̃, σ_{n+1}) − f_θ⁻(x̂, σ_n))²), the squared L2 metric (the paper's LPIPS needs
+    ImageNet features that the digits do not suit).
+    """
+
+    method = "consistency"
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, diffusion, *, steps: int,
+                 num_levels: int, rho: float, sigma_max: float | None, target_decay: float, **kwargs: Any):
+        super().__init__(student, teacher, diffusion, steps=steps, **kwargs)
+        self.target = copy.deepcopy(student).requires_grad_(False)
+        self.levels = consistency_levels(diffusion, num_levels, rho, sigma_max)
+        self.sigma_min, self.target_decay = float(self.levels[0]), float(target_decay)
+
+    def num_levels(self) -> int:
+        return len(self.levels) - 1
+
+    def distillation_loss(self, x_start: torch.Tensor, labels: torch.Tensor | None, step: int) -> torch.Tensor:
+        sigma, sigma_next = float(self.levels[step]), float(self.levels[step + 1])
+        student, teacher = self.denoisers(labels)
+        target = Denoiser(self.diffusion, self.target, self.model_kwargs(labels), clip_denoised=False)
+        x = x_start + sigma_next * torch.randn_like(x_start)
+        with torch.no_grad():
+            x_hat = ddim_step(x, teacher(x, sigma_next), sigma_next, sigma)
+            goal = consistency_function(target, x_hat, sigma, self.sigma_min)
+        prediction = consistency_function(student, x, sigma_next, self.sigma_min)
+        return (prediction.float() - goal.float()).pow(2).mean()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        target, current = list(self.target.parameters()), list(self.model.parameters())
+        with torch.no_grad():
+            torch._foreach_lerp_(target, [p.detach() for p in current], 1.0 - self.target_decay)
 
 
 def student_sampler(steps: int, cfg: DictConfig) -> dict[str, Any]:
-    """The sampler a student of ``steps`` levels was trained for: deterministic DDIM on its
-    grid, which is `EulerAncestralSampler` with η = 0 (x̃' = D + (σ'/σ)(x̃ − D))."""
-    return {"_target_": "diffusion.sampling.EulerAncestralSampler", "steps": steps,
-            "schedule": cfg.schedule, "rho": float(cfg.rho), "sigma_max": cfg.sigma_max,
-            "sigma_min": cfg.sigma_min, "eta": 0.0, "s_noise": 1.0, "guidance_scale": None}
+    """The sampler a student of ``steps`` levels was trained for. Progressive: deterministic
+    DDIM on its grid, which is `EulerAncestralSampler` with η = 0 (x̃' = D + (σ'/σ)(x̃ − D)).
+    Consistency: `ConsistencySampler` (Song et al. 2023, Alg. 1) from σ_max."""
+    grid = {"rho": float(cfg.rho), "sigma_max": cfg.sigma_max, "guidance_scale": None}
+    if cfg.method == "consistency":
+        return {"_target_": "diffusion.sampling.ConsistencySampler", "steps": steps, "schedule": "karras",
+                "sigma_min": None, "sigma_data": SIGMA_DATA, **grid}
+    return {"_target_": "diffusion.sampling.EulerAncestralSampler", "steps": steps, "schedule": cfg.schedule,
+            "sigma_min": cfg.sigma_min, "eta": 0.0, "s_noise": 1.0, **grid}
 
 
 def round_steps(cfg: DictConfig) -> list[int]:
@@ -143,6 +221,9 @@ def run_key(cfg: DictConfig) -> str:
     teacher = os.path.realpath(cfg.ckpt)
     settings = {key: cfg[key] for key in ("weights", "schedule", "rho", "sigma_max", "sigma_min", "start_steps",
                                           "steps_per_round", "batch_size", "lr", "ema_decay", "seed")}
+    if cfg.method == "consistency":  # its own chain: one round; the sampler's steps are free
+        settings.update(method=cfg.method, consistency_levels=cfg.consistency_levels, target_decay=cfg.target_decay)
+        del settings["start_steps"]
     settings["teacher"] = [teacher, os.path.getsize(teacher), int(os.path.getmtime(teacher))]
     return hashlib.sha256(json.dumps(OmegaConf.to_container(OmegaConf.create(settings)), sort_keys=True)
                           .encode()).hexdigest()[:16]
@@ -157,7 +238,7 @@ def check_round(path: str, key: str) -> None:
         )
 
 
-def student_checkpoint(module: ProgressiveDistillation, ema_state: dict[str, torch.Tensor], hparams: dict,
+def student_checkpoint(module: Distillation, ema_state: dict[str, torch.Tensor], hparams: dict,
                        cfg: DictConfig, key: str, steps: int, global_step: int) -> dict[str, Any]:
     """The student in the project's layout, its EMA weights first (what sample.py loads)."""
     raw = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
@@ -166,19 +247,22 @@ def student_checkpoint(module: ProgressiveDistillation, ema_state: dict[str, tor
         "ema": {str(cfg.ema_decay): {k: v.detach().cpu() for k, v in ema_state.items()}},
         "hyper_parameters": hparams,
         "global_step": global_step,
-        DISTILLED_KEY: {"method": "progressive", "steps": steps, "sampler": student_sampler(steps, cfg),
+        DISTILLED_KEY: {"method": cfg.method, "steps": steps, "sampler": student_sampler(steps, cfg),
                         "teacher": os.path.realpath(cfg.ckpt), "run_key": key},
     }
 
 
 def fit_round(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Module, loaded, data, steps: int,
-              round_dir: str, hparams: dict, key: str) -> tuple[ProgressiveDistillation, dict[str, torch.Tensor], int]:
+              round_dir: str, hparams: dict, key: str) -> tuple[Distillation, dict[str, torch.Tensor], int]:
     """Fit one round (resuming its last.ckpt); returns the module, its EMA weights and the step."""
-    module = ProgressiveDistillation(
-        student, teacher, loaded.diffusion, steps=steps, schedule=cfg.schedule, rho=cfg.rho,
-        sigma_max=cfg.sigma_max, sigma_min=cfg.sigma_min, lr=cfg.lr, num_classes=loaded.num_classes,
-        hyper_parameters=hparams, run_key=key,
-    )
+    common = {"steps": steps, "lr": cfg.lr, "num_classes": loaded.num_classes, "hyper_parameters": hparams,
+              "run_key": key, "rho": cfg.rho, "sigma_max": cfg.sigma_max}
+    if cfg.method == "consistency":
+        module = ConsistencyDistillation(student, teacher, loaded.diffusion, num_levels=cfg.consistency_levels,
+                                         target_decay=cfg.target_decay, **common)
+    else:
+        module = ProgressiveDistillation(student, teacher, loaded.diffusion, schedule=cfg.schedule,
+                                         sigma_min=cfg.sigma_min, **common)
     ema = EMA(decays=[cfg.ema_decay])
     checkpoints = os.path.join(round_dir, "checkpoints")
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
@@ -200,8 +284,10 @@ def fit_round(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Modul
 
 def check_settings(cfg: DictConfig) -> None:
     """One-line errors naming the key, before anything is read or written."""
-    if cfg.method != "progressive":
-        raise ConfigError(f"method={cfg.method!r}: distill.py does progressive distillation; set method=progressive")
+    if cfg.method not in ("progressive", "consistency"):
+        raise ConfigError(f"method={cfg.method!r}: choose method=progressive or method=consistency")
+    if cfg.method == "consistency" and not 0.0 <= float(cfg.target_decay) < 1.0:
+        raise ConfigError(f"target_decay={cfg.target_decay!r} must be in [0, 1), e.g. target_decay=0.95")
     for key in ("steps_per_round", "batch_size", "checkpoint_every"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer")
@@ -214,39 +300,45 @@ def check_settings(cfg: DictConfig) -> None:
 def distill(cfg: DictConfig) -> str:
     """Run every round; returns the path of the final student's checkpoint."""
     check_settings(cfg)
-    rounds = round_steps(cfg)
     loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
     hparams = dict(read_checkpoint(cfg.ckpt)["hyper_parameters"])
-    for n in rounds:
-        nested_grids(loaded.diffusion, n, cfg.schedule, cfg.rho, cfg.sigma_max, cfg.sigma_min)  # refuse early
+    if cfg.method == "consistency":
+        if isinstance(cfg.student_steps, bool) or not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
+            raise ConfigError(f"student_steps={cfg.student_steps!r} must be a positive integer (1: one-step sampling)")
+        consistency_levels(loaded.diffusion, cfg.consistency_levels, cfg.rho, cfg.sigma_max)  # refuse early
+        rounds = [("consistency", int(cfg.student_steps))]
+    else:
+        rounds = [(f"round_{n:04d}", n) for n in round_steps(cfg)]
+        for _, n in rounds:
+            nested_grids(loaded.diffusion, n, cfg.schedule, cfg.rho, cfg.sigma_max, cfg.sigma_min)  # refuse early
     data_cfg = OmegaConf.create(loaded.config["data"])
     data_cfg.batch_size = int(cfg.batch_size)
     data = hydra.utils.instantiate(data_cfg)
     key = run_key(cfg)
-    for n in rounds:  # a folder of another run is refused before anything is written
+    for folder, _ in rounds:  # a folder of another run is refused before anything is written
         for name in (STUDENT_FILE, os.path.join("checkpoints", "last.ckpt")):
-            if os.path.isfile(os.path.join(cfg.output_dir, f"round_{n:04d}", name)):
-                check_round(os.path.join(cfg.output_dir, f"round_{n:04d}", name), key)
+            if os.path.isfile(os.path.join(cfg.output_dir, folder, name)):
+                check_round(os.path.join(cfg.output_dir, folder, name), key)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(cfg.output_dir, "config.yaml"), resolve=True)
     teacher = loaded.model
     path = None
-    for n in rounds:
-        round_dir = os.path.join(cfg.output_dir, f"round_{n:04d}")
+    for folder, n in rounds:
+        round_dir = os.path.join(cfg.output_dir, folder)
         path = os.path.join(round_dir, STUDENT_FILE)
         student = copy.deepcopy(teacher).train().requires_grad_(True)
         if os.path.isfile(path):
             log.info("round N=%d: done already (%s)", n, path)
             load_weights(student, load_checkpoint(path).model.state_dict(), path)
         else:
-            log.info("round N=%d: %d steps, teacher %d levels", n, cfg.steps_per_round, 2 * n)
+            log.info("%s: %d optimizer steps, student of %d levels", folder, cfg.steps_per_round, n)
             module, averaged, step = fit_round(cfg, student, teacher, loaded, data, n, round_dir, hparams, key)
             save_checkpoint(student_checkpoint(module, averaged, hparams, cfg, key, n, step), path)
             load_weights(student, averaged, path)
         teacher = student.eval()
     final = os.path.join(cfg.output_dir, STUDENT_FILE)
     save_checkpoint(read_checkpoint(path), final)
-    log.info("student of %d steps: %s (python sample.py ckpt=%s sampler=student)", rounds[-1], final, final)
+    log.info("student of %d steps: %s (python sample.py ckpt=%s sampler=student)", rounds[-1][1], final, final)
     return final
