@@ -11,6 +11,8 @@ images, diffusion.data.digits), scored the same way give the floor that N sample
 
     python bench/nfe_quality.py --ckpt outputs/.../checkpoints/last.ckpt
     python bench/nfe_quality.py --ckpt last.ckpt --num-samples 400 --nfe 5 10 --families ddim,unipc
+    python bench/nfe_quality.py --ckpt last.ckpt --families "" --append \
+        --student "progressive distillation=outputs/distill/<run>/round_0004/student.ckpt"
 
 Families (--families): ddim (DDIM η 0 on its "ddimN" steps, the preset), ddim_trailing,
 dpmpp2m, dpmpp3m, unipc (UniPC-2 with corrector), unipc3, unipc_low (UniPC-2 from σ_max = 10),
@@ -27,6 +29,7 @@ import csv
 import time
 from pathlib import Path
 
+import hydra
 import matplotlib
 import torch
 
@@ -68,6 +71,11 @@ def parse_args(argv=None):
                         help="model evaluations per sample (Heun: the nearest odd count 2N − 1 ≤ NFE)")
     parser.add_argument("--families", default=",".join(FAMILIES),
                         help=f"comma-separated, from: {', '.join(FAMILIES)}")
+    parser.add_argument("--student", action="append", default=[], metavar="LABEL=CKPT",
+                        help="a distilled checkpoint (distill.py), sampled with its own sampler; students "
+                             "with the same LABEL form one line (repeatable)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the CSV's other rows (a row of the same family and NFE is replaced)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     parser.add_argument("--csv", default=str(REPO / "bench" / "nfe_quality.csv"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "nfe_quality.png"))
@@ -173,19 +181,34 @@ def held_out_digits() -> torch.Tensor:
     return torch.cat([digits_images("val")[0], digits_images("test")[0]])
 
 
+def students(args, device) -> list[tuple[str, object, object, str]]:
+    """(label, sampler, checkpoint, path) for each --student LABEL=CKPT: the sampler its
+    checkpoint names (``sample.py sampler=student``)."""
+    found = []
+    for spec in args.student:
+        label, _, path = spec.partition("=")
+        loaded = load_checkpoint(path, weights=args.weights)
+        if not (loaded.distilled or {}).get("sampler"):
+            raise SystemExit(f"--student {spec}: {path} is not a student of distill.py (it names no sampler)")
+        loaded.model.to(device).eval()
+        found.append((label, hydra.utils.instantiate(loaded.distilled["sampler"]), loaded, path))
+    return found
+
+
 def measure(args, loaded, score, device) -> list[dict]:
     """One CSV row per sampler of the grid, and one for up to N real held-out digits (the floor)."""
     rows = []
     real_images = held_out_digits()[: args.num_samples]
     real = score(real_images)
     floor = f"real held-out digits (val + test), N = {len(real_images)}"
-    for family, sampler in [*sampler_grid(args), (floor, None)]:
+    points = [(family, sampler, loaded, str(args.ckpt)) for family, sampler in sampler_grid(args)]
+    for family, sampler, model, path in [*points, *students(args, device), (floor, None, loaded, str(args.ckpt))]:
         if sampler is None:
             result, seconds, nfe, steps, schedule, name = real, 0.0, 0, "", "", "data"
         else:
-            sampler.check(loaded.diffusion)
+            sampler.check(model.diffusion)
             start = time.perf_counter()
-            samples = draw(loaded, sampler, args, device)
+            samples = draw(model, sampler, args, device)
             seconds = time.perf_counter() - start
             result = score(samples)
             nfe = sampler.num_function_evals(loaded.diffusion.num_timesteps)
@@ -196,7 +219,7 @@ def measure(args, loaded, score, device) -> list[dict]:
             "family": family, "sampler": name, "schedule": schedule, "steps": steps, "nfe": nfe,
             "num_samples": args.num_samples, "fid_digits": result["fid_digits"],
             "classifier_score": result["classifier_score"], "seconds": round(seconds, 1),
-            "ckpt": str(args.ckpt), "global_step": loaded.global_step,
+            "ckpt": path, "global_step": model.global_step,
         })
         print(f"{family:42s} NFE {nfe:4d}: fid_digits {result['fid_digits']:8.3f}  "
               f"classifier score {result['classifier_score']:.3f}  ({seconds:.0f} s)", flush=True)
@@ -214,6 +237,10 @@ def main(argv=None):
     loaded = load_checkpoint(args.ckpt, weights=args.weights)
     loaded.model.to(device).eval()
     rows = measure(args, loaded, scorer(args, device), device)
+    if args.append and Path(args.csv).exists():
+        with open(args.csv, newline="") as handle:
+            measured = {(r["family"], str(r["nfe"])) for r in rows}
+            rows = [r for r in csv.DictReader(handle) if (r["family"], r["nfe"]) not in measured] + rows
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -222,7 +249,8 @@ def main(argv=None):
     plot(rows, args.plot)
     print("\n| sampler | NFE | fid_digits | classifier score |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['family']} | {row['nfe']} | {row['fid_digits']:.2f} | {row['classifier_score']:.2f} |")
+        print(f"| {row['family']} | {row['nfe']} | {float(row['fid_digits']):.2f} | "
+              f"{float(row['classifier_score']):.2f} |")
     print(f"wrote {args.csv} and {args.plot}")
 
 

@@ -96,7 +96,7 @@ def test_distilling_the_analytic_teacher_gives_a_student_whose_step_is_two_teach
     student_net = AffineEps([levels.sigma_to_t(float(s)) for s in student_sigmas[:-1]])
     module = ProgressiveDistillation(student_net, GaussianDataDenoiser(DIFFUSION, MU, S), DIFFUSION, steps=steps,
                                      schedule="karras", rho=7.0, sigma_max=80.0, sigma_min=None, lr=0.05,
-                                     num_classes=None, clip_teacher=False)
+                                     num_classes=None, clip=False)
     optimizer = torch.optim.Adam(student_net.parameters(), lr=0.05)
     iterations = 1200  # annealed to 0: the ε-student's D = x̃ − σ ε̂ needs ε̂ to 1e-5 at σ = 80
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
@@ -273,7 +273,7 @@ def test_consistency_loss_vanishes_exactly_at_the_teachers_trajectory_map():
     levels = NoiseLevels(DIFFUSION)
     module = ConsistencyDistillation(AffineEps([0.0]), GaussianDataDenoiser(DIFFUSION, MU, S), DIFFUSION, steps=1,
                                      num_levels=18, rho=7.0, sigma_max=80.0, target_decay=0.0, lr=0.0,
-                                     num_classes=None, clip_teacher=False)
+                                     num_classes=None, clip=False)
     sigmas = [float(x) for x in module.levels]  # ascending, sigmas[0] = σ_min
 
     def trajectory_end(x, k):  # the teacher's DDIM steps from sigmas[k] down to σ_min
