@@ -332,8 +332,11 @@ def test_fid_digits_separates_digits_from_noise(digits_extractor):
     noise = torch.randint(0, 256, test.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     fake = evaluator(noise, dataset="digits", split="train")
     assert set(real) == {"fid_digits", "classifier_score", "classifier_score_std", "num_samples",
-                         "classifier_test_accuracy"}
+                         "classifier_test_accuracy", "precision", "recall", "nearest_k", "kid", "kid_std",
+                         "kid_subset_size", "memorisation_share", "memorisation_threshold",
+                         "memorisation_pairs", "feature_extractor", "reference"}
     assert real["fid_digits"] * 10 < fake["fid_digits"]
+    assert real["precision"] > 0.5 > fake["precision"] and real["kid"] * 10 < fake["kid"]
     assert real["classifier_score"] > 5 > fake["classifier_score"]
 
 

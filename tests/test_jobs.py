@@ -142,9 +142,35 @@ def test_evaluate_fid_on_digits(compose_cfg, tiny_ckpt, tmp_path, monkeypatch):
     results = evaluate(cfg)
     assert results["fid_digits"] > 0 and results["num_samples"] == 20
     assert results["classifier_test_accuracy"] > 0.9
+    # the metrics beyond FID, on the same features, in the same JSON
+    written = json.loads((tmp_path / "eval" / "fid.json").read_text())
+    assert 0 <= written["precision"] <= 1 and 0 <= written["recall"] <= 1 and written["nearest_k"] == 3
+    assert np.isfinite(written["kid"]) and written["kid_std"] >= 0 and written["kid_subset_size"] == 20
+    assert 0 <= written["memorisation_share"] <= 1 and len(written["memorisation_pairs"]) == 16
+    assert written["reference"] == {"dataset": "digits", "split": "train", "num_images": 1437}
+    assert written["feature_extractor"].startswith("digits-cnn") and written["seed"] == 0
+    assert written["nfe"] == 10 and written["sampler"]["_target_"] == "diffusion.sampling.DDIMSampler"
+    assert written["weights"] and written["ckpt"] == os.path.abspath(tiny_ckpt)
+    with Image.open(written["memorisation_grid"]) as grid:  # 16 pairs, 8 images a row
+        assert grid.size == (8 * 10 + 2, 4 * 10 + 2)
     assert len(loads) == 1
     built = [node["_target_"] for node in samplers if "sampling" in str(node.get("_target_", ""))]
     assert built == ["diffusion.sampling.DDIMSampler"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["memorisation_threshold=0"], "memorisation_threshold=0 must be in \\(0, 1\\]"),
+    (["memorisation_threshold=1.5"], "memorisation_threshold=1.5 must be in"),
+    (["nearest_k=20"], "nearest_k=20 needs more samples than k: set num_samples=21"),
+    (["num_samples=2000"], "has 1437 images, fewer than the 2000 samples: set num_samples=1437 or less"),
+])
+def test_evaluate_fid_bad_input_writes_nothing(compose_cfg, tiny_ckpt, tmp_path, overrides, message):
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", "metric=fid", "sampler=ddim10", "num_samples=20",
+                                   "progress=false", f"cache_dir={tmp_path / 'cache'}", *overrides],
+                      output_dir=tmp_path / "eval")
+    with pytest.raises(ValueError, match=message):
+        evaluate(cfg)
+    assert not (tmp_path / "eval" / "fid.json").exists() and not list((tmp_path / "eval").glob("samples_*"))
 
 
 # ------------------------------------------------------------- the analytic denoiser

@@ -20,9 +20,11 @@ Feature extractors:
   on the digits, and the "classifier score" is IS with its class probabilities (at most 10).
   FID_digits is NOT comparable to Inception FID.
 
-Reference statistics (μ_r, Σ_r) are computed once per (dataset, split, extractor) and kept in
-``cache_dir/<dataset>-<split>-<extractor>.npz`` (keys ``mu``, ``sigma``, ``num_images``);
-delete the file to recompute. Nothing here prints; results are plain dicts.
+Reference statistics (μ_r, Σ_r) and the reference features themselves (for precision/recall,
+KID and the memorisation audit, `diffusion.evaluation.neighbours`) are computed once per
+(dataset, split, extractor) and kept in ``cache_dir/<dataset>-<split>-<extractor>.npz`` (keys
+``mu``, ``sigma``, ``num_images``, ``features``); delete the file to recompute. A file of an
+older version without ``features`` is recomputed. Nothing here prints; results are plain dicts.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.inception import InceptionScore
 
 from diffusion.data.digits import digits_images
+from diffusion.evaluation.neighbours import (
+    _Given,
+    kernel_inception_distance,
+    memorisation_audit,
+    precision_recall,
+)
 from diffusion.process._tensor import model_device
 from diffusion.utils.atomic import atomic_savez, atomic_write
 from diffusion.utils.images import to_uint8
@@ -240,17 +248,6 @@ class DigitsFeatureExtractor(FeatureExtractor):
 
 
 # --------------------------------------------------------------------------- evaluator
-class _Given(nn.Module):
-    """Feature 'network' for the torchmetrics metrics: features are computed upstream."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
 class FIDEvaluator:
     """FID and Inception Score (or their digits analogues) of samples against a dataset.
 
@@ -262,12 +259,18 @@ class FIDEvaluator:
         device: where the feature network runs (default: where its parameters are).
         batch_size: images per forward pass.
         splits: the Inception Score's number of splits (10 in Salimans et al.).
-        seed: seed of the Inception Score's random split (so results repeat).
+        seed: seed of the Inception Score's random split and of KID's subsets (so results repeat).
+        nearest_k: k of precision/recall (3 in Kynkäänniemi et al.).
+        kid_subsets, kid_subset_size: KID's subsets (100 of 1000 in Bińkowski et al.).
+        memorisation_threshold: the ratio below which a sample counts as a near-copy.
+        memorisation_pairs: how many of the closest (sample, training) pairs to report.
     """
 
     def __init__(self, feature_extractor: FeatureExtractor | None = None, *,
                  inception_weights=None, cache_dir=DEFAULT_CACHE_DIR, device=None,
-                 batch_size: int = 250, splits: int = 10, seed: int = 0):
+                 batch_size: int = 250, splits: int = 10, seed: int = 0, nearest_k: int = 3,
+                 kid_subsets: int = 100, kid_subset_size: int = 1000,
+                 memorisation_threshold: float = 1 / 3, memorisation_pairs: int = 16):
         if feature_extractor is None:
             feature_extractor = InceptionFeatureExtractor(inception_weights)
         if device is not None:
@@ -277,6 +280,10 @@ class FIDEvaluator:
         self.batch_size = batch_size
         self.splits = splits
         self.seed = seed
+        self.nearest_k = nearest_k
+        self.kid = {"subsets": kid_subsets, "subset_size": kid_subset_size, "seed": seed}
+        self.memorisation_threshold = memorisation_threshold
+        self.memorisation_pairs = memorisation_pairs
 
     def cache_path(self, dataset: str, split: str) -> Path:
         return self.cache_dir / f"{dataset}-{split}-{self.extractor.name}.npz"
@@ -290,7 +297,8 @@ class FIDEvaluator:
 
     def reference_stats(self, dataset: str, split: str,
                         real_batches: Iterable | Callable[[], Iterable] | None = None) -> dict:
-        """μ_r, Σ_r of the real images, read from the cache or computed and cached.
+        """μ_r, Σ_r and the features (float32, in order) of the real images, read from the
+        cache or computed and cached.
 
         ``real_batches`` (anything ``iter_uint8_batches`` takes, or a zero-argument callable
         returning it, so that no DataLoader is built when the cache already has the file)
@@ -299,8 +307,9 @@ class FIDEvaluator:
         path = self.cache_path(dataset, split)
         if path.is_file():
             with np.load(path) as data:
-                return {"mu": data["mu"], "sigma": data["sigma"],
-                        "num_images": int(data["num_images"]), "path": str(path)}
+                if "features" in data.files:  # else a cache from before the features were kept
+                    return {"mu": data["mu"], "sigma": data["sigma"], "features": data["features"],
+                            "num_images": int(data["num_images"]), "path": str(path)}
         if real_batches is None:
             raise FileNotFoundError(
                 f"no reference statistics at {path}; pass real_batches (the {dataset} "
@@ -309,15 +318,17 @@ class FIDEvaluator:
         if callable(real_batches):
             real_batches = real_batches()
         metric = self._new_fid()
+        kept = []
         for features in self._features(real_batches):
             metric.update(features, real=True)
+            kept.append(features.float())
         n = int(metric.real_features_num_samples)
         if n < 2:
             raise ValueError(f"reference statistics need at least 2 real images, got {n}")
         mu = metric.real_features_sum / n
         # The unbiased covariance exactly as torchmetrics' compute() forms it.
         sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
-        stats = {"mu": mu.numpy(), "sigma": sigma.numpy(), "num_images": n}
+        stats = {"mu": mu.numpy(), "sigma": sigma.numpy(), "num_images": n, "features": torch.cat(kept).numpy()}
         atomic_savez(str(path), extractor=self.extractor.name, **stats)
         return {**stats, "path": str(path)}
 
@@ -333,7 +344,9 @@ class FIDEvaluator:
 
         Returns ``{fid_key, score_key, score_key + "_std", "num_samples", ...}``; for the
         Inception extractor ``fid``/``inception_score``, for the digits one ``fid_digits``/
-        ``classifier_score`` plus ``classifier_test_accuracy``.
+        ``classifier_score`` plus ``classifier_test_accuracy``; and, on the same features,
+        ``precision``, ``recall``, ``kid``, ``kid_std``, ``memorisation_share`` and
+        ``memorisation_pairs`` (`neighbour_metrics`).
         """
         ref = self.reference_stats(dataset, split, real_batches)
         fid = self._new_fid()
@@ -341,9 +354,11 @@ class FIDEvaluator:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             score = InceptionScore(feature=_Given(0), splits=self.splits)
+        kept = []
         for features in self._features(samples):
             fid.update(features, real=False)
             score.update(self.extractor.logits(features))
+            kept.append(features)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # InceptionScore shuffles with the global RNG
             score_mean, score_std = score.compute()
@@ -354,6 +369,25 @@ class FIDEvaluator:
             f"{key}_std": float(score_std),
             "num_samples": int(fid.fake_features_num_samples),
             **self.extractor.extra_results(),
+            **self.neighbour_metrics(torch.as_tensor(ref["features"]), torch.cat(kept)),
+            "feature_extractor": self.extractor.name,
+            "reference": {"dataset": dataset, "split": split, "num_images": int(ref["num_images"])},
+        }
+
+    def neighbour_metrics(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
+        """Precision/recall, KID and the memorisation audit of ``fake`` against ``real``
+        features (the reference set stands for the training set in the audit)."""
+        device = model_device(self.extractor) or torch.device("cpu")
+        real, fake = real.to(device, torch.float64), fake.to(device, torch.float64)
+        audit = memorisation_audit(fake, real, self.memorisation_threshold)
+        return {
+            **precision_recall(real, fake, self.nearest_k),
+            "nearest_k": self.nearest_k,
+            **kernel_inception_distance(real, fake, **self.kid),
+            "memorisation_share": audit.share,
+            "memorisation_threshold": audit.threshold,
+            # [sample index, reference index, ratio], closest first: memorisation.png's pairs
+            "memorisation_pairs": [list(pair) for pair in audit.closest(self.memorisation_pairs)],
         }
 
 

@@ -60,6 +60,30 @@ def check_evaluate_settings(cfg: DictConfig, metrics) -> None:
     for key in ("samples", "inception_weights"):
         if cfg[key] is not None and not (isinstance(cfg[key], str) and cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} must be a file path or null")
+    check_neighbour_settings(cfg)
+
+
+def check_neighbour_settings(cfg: DictConfig) -> None:
+    """metric=fid's precision/recall, KID and memorisation settings."""
+    for key, minimum in (("nearest_k", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("memorisation_pairs", 0)):
+        require_int(key, cfg[key], minimum)
+    threshold = cfg.memorisation_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ConfigError(f"memorisation_threshold={threshold!r} must be in (0, 1], e.g. 0.3333 (a sample "
+                          "nearer its nearest training image than a third of that image's own NN distance)")
+    if cfg.samples is None and cfg.nearest_k >= cfg.num_samples:
+        raise ConfigError(f"nearest_k={cfg.nearest_k} needs more samples than k: set num_samples="
+                          f"{cfg.nearest_k + 1} or more, or a smaller nearest_k")
+
+
+def check_reference_size(num_samples: int, num_reference: int, nearest_k: int, reference: str) -> None:
+    """The reference set is as large as the sample set and both exceed precision/recall's k."""
+    if num_reference < num_samples:
+        raise ConfigError(f"the reference set ({reference}) has {num_reference} images, fewer than the "
+                          f"{num_samples} samples: set num_samples={num_reference} or less")
+    if nearest_k >= num_samples:
+        raise ConfigError(f"nearest_k={nearest_k} needs more than {num_samples} samples: set nearest_k="
+                          f"{num_samples - 1} or less, or pass more samples")
 
 
 def check_weights(weights: Any) -> None:

@@ -5,22 +5,36 @@ split and reports the total, the prior term L_T, the decoder term L_0 and every 
 ``metric=fid`` scores samples (an npz from sample.py, or drawn here with the configured
 sampler) against the training images: Inception FID and IS through torchmetrics, or, for
 the 8x8 digits where Inception does not apply, the Fréchet distance and classifier score
-in the features of a small digits classifier.
+in the features of a small digits classifier. On the same features, extracted once (and the
+reference set's cached), it also reports improved precision/recall, KID and a nearest-neighbour
+memorisation audit (`diffusion.evaluation.neighbours`), whose closest (sample, training image)
+pairs go to ``memorisation.png`` beside the result.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.evaluation import evaluate_bpd
-from diffusion.jobs.checks import check_evaluate_settings, check_respacing, check_samples_npz
+from diffusion.jobs.checks import (
+    check_evaluate_settings,
+    check_reference_size,
+    check_respacing,
+    check_samples_npz,
+)
 from diffusion.jobs.common import (
     autocast_network,
     batch_generator,
@@ -30,9 +44,12 @@ from diffusion.jobs.common import (
 from diffusion.jobs.sample import load_chosen_weights, sample
 from diffusion.utils.atomic import atomic_save_json, remove_stale_temporaries
 from diffusion.utils.checks import require_writable_dir
+from diffusion.utils.images import save_image_grid
 from diffusion.utils.lock import folder_lock
 
 log = logging.getLogger(__name__)
+
+MEMORISATION_GRID = "memorisation.png"  # metric=fid's closest (sample, training image) pairs
 
 
 def data_for(cfg: DictConfig, loaded: LoadedCheckpoint):
@@ -76,6 +93,42 @@ def nll(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
     return results
 
 
+@dataclass
+class ReferenceSet:
+    """The images the samples are scored against (the training split), in a fixed order:
+    ``name`` keys the feature cache, ``batches`` builds them, ``images`` picks some by index."""
+
+    name: str
+    batches: Callable[[], Any]
+    images: Callable[[list[int]], torch.Tensor]  # indices -> uint8 (N, C, H, W)
+
+
+# Data settings that only change how batches are loaded, not which images: not in the cache key.
+LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "download", "random_flip")
+
+
+def reference_set(cfg: DictConfig, loaded: LoadedCheckpoint, datamodule_cfg, is_digits: bool) -> ReferenceSet:
+    """The training split; the digits' is `diffusion.data.digits`' split, the classifier's own."""
+    from diffusion.data.digits import digits_images
+    from diffusion.evaluation.fid import to_uint8_nchw
+
+    if is_digits:
+        train = digits_images("train")[0]
+        return ReferenceSet("digits", lambda: [train], lambda indices: train[indices])
+    data = functools.cache(lambda: data_for(cfg, loaded))  # built only when the cache has no features
+    # Every setting that changes the images (root, size, split seed, ...) is in the cache key.
+    settings = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(datamodule_cfg)), resolve=True).items()
+                if k not in LOADER_KEYS}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = f"{settings['_target_'].rsplit('.', 1)[-1]}-{settings.get('image_size', loaded.image_shape[-1])}-{digest}"
+
+    def batches():  # in order, so that an index names the same image next time
+        return torch.utils.data.DataLoader(data().train_set, batch_size=cfg.batch_size, shuffle=False)
+
+    return ReferenceSet(name, batches, lambda indices: torch.cat([to_uint8_nchw(data().train_set[i][0][None])
+                                                                  for i in indices]))
+
+
 def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict[str, Any]:
     datamodule_cfg = cfg.get("data") or loaded.config.get("data") or {}
     is_digits = str(datamodule_cfg.get("_target_", "")).endswith("DigitsData")
@@ -85,7 +138,6 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
     require_writable_dir("cache_dir", cfg.cache_dir)
     # Imported here: torchmetrics (with scipy) and torchvision's transforms take seconds to
     # import, which metric=nll and every early error would pay for nothing.
-    from diffusion.data.digits import digits_images
     from diffusion.evaluation.fid import (
         DigitsFeatureExtractor,
         FIDEvaluator,
@@ -94,23 +146,43 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
 
     if not is_digits:
         check_inception_weights(cfg.inception_weights)
-    samples = cfg.samples or sample(cfg, loaded)["npz"]  # the sample job, with this config's sampler
-    if is_digits:
-        extractor = DigitsFeatureExtractor.load_or_fit(cfg.cache_dir)
-        evaluator = FIDEvaluator(extractor, cache_dir=cfg.cache_dir, device=device)
-        results = evaluator(samples, dataset="digits", split="train", real_batches=lambda: [digits_images("train")])
-    else:
-        evaluator = FIDEvaluator(inception_weights=cfg.inception_weights, cache_dir=cfg.cache_dir, device=device)
-
-        def real_batches():
-            return split_loader(data_for(cfg, loaded), "train")
-
-        name = datamodule_cfg.get("_target_", "data").rsplit(".", 1)[-1]
-        results = evaluator(samples, dataset=f"{name}-{datamodule_cfg.get('image_size', loaded.image_shape[-1])}",
-                            split="train", real_batches=real_batches)
-    results["samples"] = samples
+    extractor = DigitsFeatureExtractor.load_or_fit(cfg.cache_dir) if is_digits else None
+    evaluator = FIDEvaluator(
+        extractor, inception_weights=cfg.inception_weights, cache_dir=cfg.cache_dir, device=device, seed=cfg.seed,
+        nearest_k=cfg.nearest_k, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
+        memorisation_threshold=float(cfg.memorisation_threshold), memorisation_pairs=cfg.memorisation_pairs)
+    reference = reference_set(cfg, loaded, datamodule_cfg, is_digits)
+    # The reference features (cached after the first run) come before the samples, so that a
+    # reference set too small for them fails before the sampling.
+    ref = evaluator.reference_stats(reference.name, "train", reference.batches)
+    num_samples = count_samples(cfg.samples) if cfg.samples else cfg.num_samples
+    check_reference_size(num_samples, ref["num_images"], cfg.nearest_k, f"{reference.name} train")
+    drawn = {} if cfg.samples else sample(cfg, loaded)  # the sample job, with this config's sampler
+    samples = cfg.samples or drawn["npz"]
+    results = evaluator(samples, dataset=reference.name, split="train")
+    results.update(samples=samples, sampler=drawn.get("sampler"), nfe=drawn.get("nfe"), seed=cfg.seed,
+                   memorisation_grid=save_memorisation_grid(cfg, samples, reference, results["memorisation_pairs"]))
     log.info("%s", ", ".join(f"{k}: {v:.4f}" for k, v in results.items() if isinstance(v, float)))
     return results
+
+
+def count_samples(path: str) -> int:
+    with np.load(path, allow_pickle=False) as data:
+        return len(data["arr_0"])
+
+
+def save_memorisation_grid(cfg: DictConfig, samples: str, reference: ReferenceSet, pairs: list) -> str | None:
+    """``memorisation.png`` beside the result: each sample of ``pairs`` (closest first) next to
+    its nearest training image, four pairs a row; None when there are no pairs."""
+    if not pairs:
+        return None
+    with np.load(samples, allow_pickle=False) as data:
+        images = torch.from_numpy(data["arr_0"][[i for i, _, _ in pairs]]).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    train = reference.images([j for _, j, _ in pairs])
+    pairs_nchw = torch.stack([images, train], dim=1).flatten(0, 1)  # 2 x (P, C, H, W) -> (2P, C, H, W)
+    path = os.path.join(cfg.output_dir, MEMORISATION_GRID)
+    save_image_grid(pairs_nchw.float() / 127.5 - 1, path, nrow=8)
+    return os.path.abspath(path)
 
 
 # metric= -> the function that computes it: (cfg, loaded checkpoint, device) -> plain dict.
@@ -130,7 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_respacing(cfg.respacing, loaded)
     path = os.path.join(require_writable_dir("output_dir", cfg.output_dir), f"{cfg.metric}.json")
     with folder_lock(cfg.output_dir):
-        remove_stale_temporaries(os.path.dirname(path), [os.path.basename(path)])  # of a killed run
+        remove_stale_temporaries(os.path.dirname(path), [os.path.basename(path), MEMORISATION_GRID])  # of a killed run
         results = METRICS[cfg.metric](cfg, loaded, device)
         results.update(ckpt=os.path.abspath(cfg.ckpt), weights=loaded.weights, metric=cfg.metric,
                        global_step=loaded.global_step, ema_std=cfg.get("ema_std"))

@@ -130,7 +130,8 @@ def output_paths(cfg: DictConfig, image_shape: tuple[int, int, int]) -> tuple[st
 
 
 def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str, Any]:
-    """Run the job; returns the paths written and the number of images. ``loaded``: the
+    """Run the job; returns the paths written, the number of images, the weights, the sampler's
+    config and its NFE. ``loaded``: the
     checkpoint ``cfg.ckpt`` already loaded with ``cfg.weights`` (the evaluate job's).
     The output folder is locked for the run (`diffusion.utils.lock`): a second job writing
     there is refused at once."""
@@ -156,7 +157,9 @@ def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str,
         write_outputs(arrays, npz_path, grid_path, cfg.grid_size, shard_dir)
         remove_shard_dir(shard_dir)
     log.info("wrote %s (%d images, %s weights) and %s", npz_path, len(arrays["arr_0"]), loaded.weights, grid_path)
-    return {"npz": npz_path, "grid": grid_path, "num_images": int(len(arrays["arr_0"])), "weights": loaded.weights}
+    return {"npz": npz_path, "grid": grid_path, "num_images": int(len(arrays["arr_0"])), "weights": loaded.weights,
+            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+            "nfe": sampler.num_function_evals(loaded.diffusion.num_timesteps)}  # model calls per batch
 
 
 def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[LoadedCheckpoint, Sampler, list[str]]:
