@@ -26,6 +26,7 @@ COMMANDS = {
     "sample": (["--help"], ["sample is powered by Hydra", "ddim50", "ckpt: ???"]),
     "evaluate": (["--help"], ["evaluate is powered by Hydra", "ddim50", "metric: nll"]),
     "distill": (["--help"], ["distill is powered by Hydra", "start_steps: 32", "ckpt: ???"]),
+    "edit": (["--help"], ["edit is powered by Hydra", "ddim50", "task: reconstruct"]),
 }
 
 
