@@ -1,4 +1,5 @@
-"""Evaluation: the variational bound in bits/dim over a dataset, and FID / Inception Score.
+"""Evaluation: the variational bound and the probability-flow ODE likelihood in bits/dim over
+a dataset, and FID / Inception Score.
 
     from diffusion.evaluation import evaluate_bpd, FIDEvaluator, DigitsFeatureExtractor
 
@@ -14,6 +15,8 @@ from diffusion.utils.lazy import lazy_exports
 _EXPORTS = {
     "evaluate_bpd": "diffusion.evaluation.bpd",
     "respace_process": "diffusion.evaluation.bpd",
+    "evaluate_ode_nll": "diffusion.evaluation.ode_nll",
+    "ode_log_likelihood": "diffusion.evaluation.ode_nll",
     "FIDEvaluator": "diffusion.evaluation.fid",
     "FeatureExtractor": "diffusion.evaluation.fid",
     "InceptionFeatureExtractor": "diffusion.evaluation.fid",

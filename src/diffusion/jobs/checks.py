@@ -61,6 +61,33 @@ def check_evaluate_settings(cfg: DictConfig, metrics) -> None:
         if cfg[key] is not None and not (isinstance(cfg[key], str) and cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} must be a file path or null")
     check_neighbour_settings(cfg)
+    if cfg.metric == "ode_nll":
+        check_ode_settings(cfg)
+
+
+ODE_DIVERGENCES = ("hutchinson", "exact")  # diffusion.evaluation.ode_nll's; not imported: it loads nothing else
+ODE_PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def check_ode_settings(cfg: DictConfig) -> None:
+    """metric=ode_nll's divergence, probes, tolerances and σ cap."""
+    if cfg.ode_divergence not in ODE_DIVERGENCES:
+        raise ConfigError(f"ode_divergence={cfg.ode_divergence!r} must be hutchinson (ode_probes random probes) "
+                          "or exact (one backward pass per dimension: small images)")
+    probes = cfg.ode_probes
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ConfigError(f"ode_probes={probes!r} must be an integer >= 1, e.g. ode_probes=1 (Hutchinson "
+                          "probes per image)")
+    if cfg.ode_probe_distribution not in ODE_PROBE_DISTRIBUTIONS:
+        raise ConfigError(f"ode_probe_distribution={cfg.ode_probe_distribution!r} must be rademacher or gaussian")
+    for key in ("ode_rtol", "ode_atol"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ConfigError(f"{key}={value!r} must be a number in (0, 1), e.g. {key}=1e-5 (Song et al.) or "
+                              "1e-3 for a quick look")
+    cap = cfg.ode_sigma_max
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+        raise ConfigError(f"ode_sigma_max={cap!r} must be null (the process's σ_(T-1)) or a noise level > 0")
 
 
 def check_neighbour_settings(cfg: DictConfig) -> None:
