@@ -191,11 +191,47 @@ def test_sdedit_interpolate_and_encode_on_an_npz_and_a_folder(compose_cfg, tiny_
     (["task=reconstruct", "input=BAD_SIZE"], "is 16x16x1 .*takes 8x8x1: resize"),
     (["task=reconstruct", "input=BAD_CHANNELS"], "is 8x8x3 .*8x8x1.* with 1 channel"),
     (["task=reconstruct", "input=MISSING"], "no such folder or .npz file"),
+    (["task=inpaint", "input=GOOD"], "task=inpaint .*needs a DDPM sampler; pass sampler=ddpm250"),
+    (["task=inpaint", "sampler=ddpm", "input=GOOD", "inpaint.mask=BAD_MASK"],
+     r"inpaint.mask=.*big.npy is 16x16; the checkpoint's images are 8x8: pass a 8x8 mask"),
+    (["task=inpaint", "sampler=ddpm", "inpaint.mask=ring"], "inpaint.mask='ring' is not one of half"),
+    (["task=inpaint", "sampler=ddpm", "inpaint.jump_length=0"], "inpaint.jump_length"),
 ])
 def test_bad_input_is_one_error_and_nothing_is_written(compose_cfg, tiny_ckpt, tmp_path, overrides, message):
     paths = {"BAD_SIZE": digits_npz(tmp_path / "big.npz", shape=(16, 16, 1)),
-             "BAD_CHANNELS": digits_npz(tmp_path / "rgb.npz", shape=(8, 8, 3)), "MISSING": tmp_path / "nothing"}
+             "BAD_CHANNELS": digits_npz(tmp_path / "rgb.npz", shape=(8, 8, 3)), "MISSING": tmp_path / "nothing",
+             "GOOD": digits_npz(tmp_path / "good.npz")}
+    np.save(tmp_path / "big.npy", np.ones((16, 16)))
+    paths["BAD_MASK"] = tmp_path / "big.npy"
     overrides = [o.split("=")[0] + "=" + str(paths.get(o.split("=")[1], o.split("=")[1])) for o in overrides]
     with pytest.raises(ValueError, match=message):
         edit(edit_cfg(compose_cfg, tmp_path, tiny_ckpt, *overrides))
     assert not (tmp_path / "out").exists()
+
+
+def test_inpaint_keeps_the_known_pixels_and_writes_masks_grid_and_json(compose_cfg, tiny_ckpt, tmp_path):
+    """RePaint on 5 steps with jumps (j = 2, r = 2): the known pixels of the npz are the
+    input's exactly; the grid has three rows (input, masked input, result)."""
+    npz = digits_npz(tmp_path / "in.npz")
+    args = ["task=inpaint", "sampler=ddpm", "sampler.steps=5", f"input={npz}", "inpaint.jump_length=2",
+            "inpaint.jump_n_sample=2", "batch_size=3"]
+    report = edit(edit_cfg(compose_cfg, tmp_path / "c", tiny_ckpt, *args, "inpaint.mask=center"))
+    arrays, pixels = np.load(report["npz"]), np.load(npz)["arr_0"]
+    masks = arrays["masks"].astype(bool)
+    assert arrays["arr_0"].shape == (5, 8, 8, 1) and masks.shape == (5, 8, 8) and (~masks[:, 2:6, 2:6]).all()
+    np.testing.assert_array_equal(arrays["arr_0"][masks], pixels[masks])
+    saved = json.load(open(report["json"]))
+    assert saved["model_calls"] == 9 and saved["known_fraction"] == 0.75 and saved["timesteps"] == report["timesteps"]
+    assert Image.open(report["grid"]).size[1] > 3 * 8
+    strokes = [edit(edit_cfg(compose_cfg, tmp_path / f"s{i}", tiny_ckpt, *args, "inpaint.mask=strokes"))
+               for i in range(2)]  # one seed, one set of strokes and images
+    np.testing.assert_array_equal(np.load(strokes[0]["npz"])["masks"], np.load(strokes[1]["npz"])["masks"])
+    np.testing.assert_array_equal(np.load(strokes[0]["npz"])["arr_0"], np.load(strokes[1]["npz"])["arr_0"])
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:, :4] = 255  # white = known
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    png = edit(edit_cfg(compose_cfg, tmp_path / "p", tiny_ckpt, *args, f"inpaint.mask={tmp_path / 'mask.png'}"))
+    np.testing.assert_array_equal(np.load(png["npz"])["arr_0"][:, :, :4], pixels[:, :, :4])
+    np.save(tmp_path / "ones.npy", np.ones((8, 8)))
+    ones = edit(edit_cfg(compose_cfg, tmp_path / "o", tiny_ckpt, *args, f"inpaint.mask={tmp_path / 'ones.npy'}"))
+    np.testing.assert_array_equal(np.load(ones["npz"])["arr_0"], pixels)

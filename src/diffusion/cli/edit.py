@@ -1,8 +1,10 @@
-"""Edit images with a checkpoint: DDIM inversion and reconstruction, interpolation, SDEdit.
+"""Edit images with a checkpoint: DDIM inversion and reconstruction, interpolation, SDEdit,
+inpainting (RePaint).
 
     python edit.py ckpt=outputs/.../checkpoints/last.ckpt task=reconstruct input=FOLDER_OR_NPZ sampler=ddim50
     python edit.py ckpt=... task=interpolate interpolation.source=seeds interpolation.num_pairs=4
     python edit.py ckpt=... task=sdedit strength=0.5 input=null split=test
+    python edit.py ckpt=... task=inpaint sampler=ddpm250 inpaint.mask=center input=FOLDER_OR_NPZ
     python edit.py --help             # or: diffusion-edit --help
 """
 

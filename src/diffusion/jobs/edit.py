@@ -5,13 +5,16 @@
     task=interpolate  a row of images per pair along the slerp of two latents (DDIM Fig. 6):
                       consecutive input images, or two noises per pair (source=seeds)
     task=sdedit       noise to t_0 = s (T − 1), denoise with the sampler's steps (Meng et al. 2022)
+    task=inpaint      fill the 0 region of a mask with RePaint on the DDPM sampler's steps
+                      (Lugmayr et al. 2022, `diffusion.sampling.repaint`); masks: 1 = known
 
 The inputs are an image folder, an npz in sample.py's format (uint8 NHWC ``arr_0``) or a
 split of the run's dataset; they are checked against the checkpoint's image shape before
 anything is written. Batch ``i`` draws its randomness from the generator seeded with
 ``(seed, i)`` (`batch_generator`), as in sample.py. Each task writes ``<task>_NxHxWxC.npz``
-(``arr_0`` uint8 NHWC images; encode and reconstruct also ``latents``, float32 NCHW), a
-PNG grid (inputs above their results) and ``<task>.json`` (the settings and, where there
+(``arr_0`` uint8 NHWC images; encode and reconstruct also ``latents``, float32 NCHW;
+inpaint also ``masks``, uint8 NHW, 1 = known), a PNG grid (inputs above their results;
+inpaint: inputs, masked inputs, results) and ``<task>.json`` (the settings and, where there
 is an input to compare with, the mean squared error per dimension in [−1, 1] units, the
 measure of DDIM's Table 2), all atomically.
 """
@@ -41,7 +44,15 @@ from diffusion.jobs.evaluate import data_for, split_loader
 from diffusion.jobs.sample import load_chosen_weights, to_uint8_nhwc
 from diffusion.process._tensor import randn
 from diffusion.sampling.ddim import DDIMSampler
+from diffusion.sampling.ddpm import DDPMSampler
 from diffusion.sampling.inversion import ddim_invert, sdedit, sdedit_start_step, slerp_row
+from diffusion.sampling.repaint import (
+    MASKS,
+    builtin_mask,
+    model_calls,
+    repaint,
+    resampling_schedule,
+)
 from diffusion.utils.atomic import atomic_save_json, atomic_savez, remove_stale_temporaries
 from diffusion.utils.checks import require_bool, require_choice, require_int, require_writable_dir
 from diffusion.utils.errors import ConfigError
@@ -50,7 +61,7 @@ from diffusion.utils.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
-TASKS = ("encode", "reconstruct", "interpolate", "sdedit")
+TASKS = ("encode", "reconstruct", "interpolate", "sdedit", "inpaint")
 SOURCES = ("images", "seeds")
 SPLITS = ("train", "val", "test")
 
@@ -72,6 +83,12 @@ def check_edit_settings(cfg: DictConfig) -> None:
     require_int("interpolation.num_pairs", cfg.interpolation.num_pairs, 1)
     require_int("interpolation.num_images", cfg.interpolation.num_images, 2)
     require_choice("split", cfg.split, SPLITS)
+    require_int("inpaint.jump_length", cfg.inpaint.jump_length, 1)
+    require_int("inpaint.jump_n_sample", cfg.inpaint.jump_n_sample, 1)
+    mask = cfg.inpaint.mask
+    if not isinstance(mask, str) or not (mask in MASKS or mask.endswith((".png", ".npy"))):
+        raise ConfigError(f"inpaint.mask={mask!r} is not one of {', '.join(MASKS)}, nor a .png or .npy file "
+                          "(1 = known, 0 = to fill)")
     check_weights(cfg.weights)
     require_choice("precision", str(cfg.precision), PRECISIONS)
     require_bool("clip_denoised", cfg.clip_denoised)
@@ -79,6 +96,11 @@ def check_edit_settings(cfg: DictConfig) -> None:
 
 
 def check_ddim_sampler(sampler, cfg: DictConfig) -> None:
+    if cfg.task == "inpaint":
+        if not isinstance(sampler, DDPMSampler):
+            raise ConfigError("task=inpaint (RePaint) runs ancestral steps and needs a DDPM sampler; pass "
+                              "sampler=ddpm250 (or sampler=ddpm sampler.steps=N / sampler.respacing=...)")
+        return
     if not isinstance(sampler, DDIMSampler):
         raise ConfigError(f"task={cfg.task} needs a DDIM sampler; pass sampler=ddim50 (or ddim10, ddim20, ...)")
     if cfg.task != "sdedit" and sampler.eta != 0:
@@ -152,11 +174,36 @@ def _split_images(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor:
     return images
 
 
+def read_mask(cfg: DictConfig, image_shape) -> torch.Tensor | None:
+    """The mask file of ``inpaint.mask`` as (1, 1, H, W) floats, 1 = known, 0 = to fill
+    (PNG: pixels >= 128 of its grey version are known; npy: (H, W) of 0 and 1); None for
+    a built-in mask (made per batch, `builtin_mask`)."""
+    name = str(cfg.inpaint.mask)
+    if name in MASKS:
+        return None
+    path = os.path.expanduser(name)
+    if not os.path.isfile(path):
+        raise ConfigError(f"inpaint.mask={name}: no such file; pass a .png or .npy mask or one of {', '.join(MASKS)}")
+    if path.endswith(".npy"):
+        pixels = np.load(path, allow_pickle=False)
+        pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+        if pixels.ndim == 2 and not np.isin(pixels, (0, 1)).all():
+            raise ConfigError(f"inpaint.mask={name} holds values other than 0 and 1 (1 = known, 0 = to fill)")
+    else:
+        with Image.open(path) as image:
+            pixels = (np.asarray(image.convert("L")) >= 128).astype(np.uint8)  # white = known
+    height, width = image_shape[1], image_shape[2]
+    if pixels.shape != (height, width):
+        raise ConfigError(f"inpaint.mask={name} is {'x'.join(map(str, pixels.shape))}; the checkpoint's images "
+                          f"are {height}x{width}: pass a {height}x{width} mask (1 = known, 0 = to fill)")
+    return torch.from_numpy(pixels.astype(np.float32)).view(1, 1, height, width)
+
+
 # ------------------------------------------------------------------------------- tasks
 class _Job:
     """What every task needs: the checkpoint's process and model, the sampler, a device."""
 
-    def __init__(self, cfg: DictConfig, loaded: LoadedCheckpoint, sampler: DDIMSampler, device: torch.device,
+    def __init__(self, cfg: DictConfig, loaded: LoadedCheckpoint, sampler: DDIMSampler | DDPMSampler, device: torch.device,
                  advance):
         self.cfg, self.loaded, self.sampler, self.device, self.advance = cfg, loaded, sampler, device, advance
         self.model = autocast_network(loaded.model.to(device), device, cfg.precision)
@@ -198,6 +245,25 @@ def run_sdedit(job: _Job, images: torch.Tensor) -> dict[str, Any]:
     return {"inputs": images, "outputs": torch.cat(outputs)}
 
 
+def run_inpaint(job: _Job, images: torch.Tensor, mask: torch.Tensor | None) -> dict[str, Any]:
+    """RePaint per batch; batch i draws its strokes (mask=strokes), x_T and every step's
+    noise from the generator seeded with (seed, i)."""
+    settings, masks, outputs = job.cfg.inpaint, [], []
+    for index, x in job.batches(images):
+        generator = batch_generator(job.cfg.seed, index, job.device)
+        if mask is None:
+            batch_mask = builtin_mask(str(settings.mask), x.shape[2], x.shape[3], len(x), generator)
+        else:
+            batch_mask = mask.expand(len(x), 1, *mask.shape[2:])
+        outputs.append(repaint(job.loaded.diffusion, job.model, x, batch_mask.to(job.device), job.sampler,
+                               jump_length=settings.jump_length, jump_n_sample=settings.jump_n_sample,
+                               clip_denoised=job.cfg.clip_denoised, generator=generator).float().cpu())
+        masks.append(batch_mask.cpu())
+        job.advance(len(x))
+    masks = torch.cat(masks)
+    return {"inputs": images, "outputs": torch.cat(outputs), "masks": masks, "masked": images * masks}
+
+
 def run_interpolate(job: _Job, images: torch.Tensor | None) -> dict[str, Any]:
     """A row of ``interpolation.num_images`` per pair: pair i is images (2i, 2i+1), or two
     noises drawn from the generator seeded with (seed, i)."""
@@ -233,25 +299,33 @@ def write_outputs(cfg: DictConfig, result: dict[str, Any], report: dict[str, Any
     arrays = {} if "outputs" not in result else {"arr_0": to_uint8_nhwc(result["outputs"])}
     if "latents" in result:
         arrays["latents"] = result["latents"].numpy().astype(np.float32)
+    if "masks" in result:
+        arrays["masks"] = result["masks"][:, 0].numpy().astype(np.uint8)  # (N, 1, H, W) -> (N, H, W)
     atomic_savez(paths["npz"], **arrays)
     shown = result["outputs"] if "outputs" in result else result["latents"].clamp(-3, 3) / 3  # latents at ±3σ
     if "inputs" in result:  # inputs above their results, up to 16 per row
         count = min(len(shown), 16)
-        save_image_grid(torch.cat([result["inputs"][:count], shown[:count]]), paths["grid"], nrow=count)
+        rows = [result["inputs"][:count], *([result["masked"][:count]] if "masked" in result else []), shown[:count]]
+        save_image_grid(torch.cat(rows), paths["grid"], nrow=count)
     else:
         save_image_grid(shown, paths["grid"], nrow=result.get("nrow"))
     atomic_save_json(paths["json"], {**report, **paths})
     return paths
 
 
-def edit_report(cfg: DictConfig, loaded: LoadedCheckpoint, sampler: DDIMSampler, result: dict[str, Any]) -> dict:
+def edit_report(cfg: DictConfig, loaded: LoadedCheckpoint, sampler: DDIMSampler | DDPMSampler, result: dict[str, Any]) -> dict:
     steps = sampler.timesteps(loaded.diffusion.num_timesteps)
     report = {"task": cfg.task, "ckpt": cfg.ckpt, "weights": loaded.weights, "num_steps": len(steps),
-              "timesteps": steps, "eta": sampler.eta, "clip_denoised": cfg.clip_denoised, "seed": cfg.seed,
+              "timesteps": steps, "eta": getattr(sampler, "eta", None), "clip_denoised": cfg.clip_denoised, "seed": cfg.seed,
               "num_images": len(result.get("outputs", result.get("latents")))}
     if cfg.task == "sdedit":
         report.update(strength=float(cfg.strength), t0=sdedit_start_step(loaded.diffusion.num_timesteps,
                                                                           float(cfg.strength)))
+    if cfg.task == "inpaint":
+        states = resampling_schedule(len(steps), cfg.inpaint.jump_length, cfg.inpaint.jump_n_sample)
+        report.update(mask=str(cfg.inpaint.mask), jump_length=cfg.inpaint.jump_length,
+                      jump_n_sample=cfg.inpaint.jump_n_sample, known_fraction=float(result["masks"].mean()),
+                      model_calls=model_calls(states))
     if "inputs" in result and "outputs" in result:
         report["mse_per_dim"] = mse_per_dim(result["outputs"], result["inputs"])
         quantised = torch.from_numpy(to_uint8_nhwc(result["outputs"])).permute(0, 3, 1, 2).double() / 127.5 - 1
@@ -265,6 +339,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     images = None
     if not (cfg.task == "interpolate" and cfg.interpolation.source == "seeds"):
         images = read_inputs(cfg, loaded)
+    mask = read_mask(cfg, loaded.image_shape) if cfg.task == "inpaint" else None
     require_writable_dir("output_dir", cfg.output_dir)
     total = cfg.interpolation.num_pairs if images is None else len(images)
     if cfg.task == "interpolate" and images is not None:
@@ -274,7 +349,8 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         with images_progress(total, 0, cfg.task, enabled=cfg.progress) as advance:
             job = _Job(cfg, loaded, sampler, device, advance)
             with torch.inference_mode():
-                result = TASK_RUNS[cfg.task](job, images)
+                result = (run_inpaint(job, images, mask) if cfg.task == "inpaint"
+                          else TASK_RUNS[cfg.task](job, images))
         report = edit_report(cfg, loaded, sampler, result)
         report.update(write_outputs(cfg, result, report))
     log.info("%s: wrote %s, %s and %s", cfg.task, report["npz"], report["grid"], report["json"])
@@ -289,7 +365,7 @@ TASK_RUNS = {
 }
 
 
-def prepare(cfg: DictConfig) -> tuple[LoadedCheckpoint, DDIMSampler, torch.device]:
+def prepare(cfg: DictConfig) -> tuple[LoadedCheckpoint, DDIMSampler | DDPMSampler, torch.device]:
     """Check every setting, load the checkpoint and build the sampler, before anything is written."""
     check_edit_settings(cfg)
     device = torch.device(resolve_devices(cfg.device, 1)[0])
