@@ -19,6 +19,7 @@ _EXPORTS = {
     "ImageNet64Data": "diffusion.data.image_data",
     "ImageFolderData": "diffusion.data.image_data",
     "SyntheticData": "diffusion.data.image_data",
+    "SuperResData": "diffusion.data.superres",
     "DataModule": "diffusion.data.module",
     "ResumableDataLoader": "diffusion.data.loader",
     "digits_images": "diffusion.data.digits",

@@ -38,6 +38,7 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.shards import open_shard_dir, remove_shard_dir, shard_key, shard_path
+from diffusion.jobs.superres import batch_low_res, read_low_res
 from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY
 from diffusion.utils.atomic import atomic_savez, remove_stale_temporaries
@@ -68,10 +69,12 @@ def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: in
 
 
 def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int, size: int,
-                 device: torch.device) -> dict[str, np.ndarray]:
+                 device: torch.device, low_res: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     generator = batch_generator(cfg.seed, index, device)
     labels = batch_labels(cfg, loaded, index, size, generator)
     model_kwargs = {} if labels is None else {"y": labels, NULL_LABEL_KEY: null_label(loaded)}
+    if low_res is not None:  # a super-resolution model (diffusion.jobs.superres)
+        model_kwargs["low_res"] = batch_low_res(low_res, index * cfg.batch_size, size, device)
     model = autocast_network(loaded.model, device, cfg.precision)
     with torch.inference_mode():
         images = sampler(
@@ -106,10 +109,11 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     if sampler is None:
         sampler = hydra.utils.instantiate(cfg.sampler)
     loaded.model.to(device)
+    low_res = read_low_res(cfg.get("low_res"), loaded)
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
             continue
-        arrays = sample_batch(cfg, loaded, sampler, index, size, device)
+        arrays = sample_batch(cfg, loaded, sampler, index, size, device, low_res)
         with explain_write_failure(shard_path(shard_dir, index), shard_dir):
             atomic_savez(shard_path(shard_dir, index), **arrays)
         if progress_queue is not None:
@@ -176,6 +180,7 @@ def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[Lo
         sampler = build_sampler(cfg.sampler)
     check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
     check_class_labels(cfg.class_labels, loaded.num_classes)
+    read_low_res(cfg.get("low_res"), loaded)  # a missing or wrong-sized input fails before anything is written
     return loaded, sampler, devices
 
 

@@ -85,6 +85,8 @@ def shard_key(cfg: DictConfig, loaded: LoadedCheckpoint, device_type: str) -> di
     }
     if cfg.get("ema_std") is not None:  # absent otherwise: the manifests of earlier versions still match
         key["ema_std"] = cfg.ema_std
+    if cfg.get("low_res") is not None:  # super-resolution inputs, likewise absent otherwise
+        key["low_res"] = str(cfg.low_res)
     return _plain(key)
 
 

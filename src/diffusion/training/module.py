@@ -138,6 +138,17 @@ class DiffusionModule(L.LightningModule):
     def model_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"y": labels} if self.num_classes is not None else {}
 
+    @staticmethod
+    def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x_start, labels, other model kwargs). A super-resolution dataset's batches carry a
+        dict of model kwargs (``low_res``, the labels as ``y``) in place of the labels
+        (`diffusion.data.superres`)."""
+        x_start, extra = batch
+        if not isinstance(extra, dict):
+            return x_start, extra, {}
+        conditions = {key: value for key, value in extra.items() if key != "y"}
+        return x_start, extra["y"], conditions
+
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null label with probability ``label_dropout`` (Ho &
         Salimans 2022, Alg. 1), drawn on the labels' device without a host sync."""
@@ -156,9 +167,9 @@ class DiffusionModule(L.LightningModule):
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x_start, labels = batch
+        x_start, labels, conditions = self.split_batch(batch)
         t, weights = self.schedule_sampler.sample(x_start.shape[0], x_start.device)
-        model_kwargs = self.model_kwargs(self.drop_labels(labels))
+        model_kwargs = {**self.model_kwargs(self.drop_labels(labels)), **conditions}
         terms = self.diffusion.training_losses(self.denoiser, x_start.float(), t, model_kwargs=model_kwargs)
         if isinstance(self.schedule_sampler, LossAwareSampler):
             self._pending_losses.append((t, terms["loss"].detach()))
@@ -257,10 +268,10 @@ class DiffusionModule(L.LightningModule):
         """An unbiased estimate of the bound in bits/dim with two network calls per image
         (exact prior and decoder terms, stratified importance sampling of the others; see
         `diffusion.process.likelihood`), with the same t and noise at every validation."""
-        x_start, labels = batch
+        x_start, labels, conditions = self.split_batch(batch)
         terms = estimate_bpd(
             self.diffusion, self.denoiser, x_start.float(), clip_denoised=True,
-            model_kwargs=self.model_kwargs(labels), generator=self.batch_generator(batch_idx),
+            model_kwargs={**self.model_kwargs(labels), **conditions}, generator=self.batch_generator(batch_idx),
         )
         self.log_split_mean("val/bpd", terms["total_bpd"], prog_bar=True)
         self.log_split_mean("val/decoder_bpd", terms["decoder_bpd"])
@@ -268,9 +279,10 @@ class DiffusionModule(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """The full bound: every term of DDPM eq. 5 (calc_bpd_loop), in bits/dim. The columns
         of ``vb`` run from t = T-1 down to t = 0, the decoder term (improved-diffusion order)."""
-        x_start, labels = batch
+        x_start, labels, conditions = self.split_batch(batch)
         out = self.diffusion.calc_bpd_loop(
-            self.denoiser, x_start.float(), clip_denoised=True, model_kwargs=self.model_kwargs(labels),
+            self.denoiser, x_start.float(), clip_denoised=True,
+            model_kwargs={**self.model_kwargs(labels), **conditions},
             generator=self.batch_generator(batch_idx),
         )
         self.log_split_mean("test/bpd", out["total_bpd"])
