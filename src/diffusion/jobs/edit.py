@@ -31,7 +31,6 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from diffusion.checkpoint import LoadedCheckpoint
-from diffusion.data.datasets import list_images
 from diffusion.jobs.checks import build_sampler, check_sampler, check_weights
 from diffusion.jobs.common import (
     PRECISIONS,
@@ -41,6 +40,7 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.evaluate import data_for, split_loader
+from diffusion.jobs.inputs import read_uint8_images, shape_error, to_model_range
 from diffusion.jobs.sample import load_chosen_weights, to_uint8_nhwc
 from diffusion.process._tensor import randn
 from diffusion.sampling.ddim import DDIMSampler
@@ -113,52 +113,11 @@ def read_inputs(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor:
     """The first ``num_images`` input images as (N, C, H, W) floats in [−1, 1]."""
     if cfg.input is None:
         return _split_images(cfg, loaded)
-    path = os.path.expanduser(str(cfg.input))
-    if os.path.isdir(path):
-        pixels = _folder_pixels(path, cfg.num_images, loaded.image_shape)
-    elif os.path.isfile(path) and path.endswith(".npz"):
-        pixels = _npz_pixels(path, cfg.num_images, loaded.image_shape)
-    else:
-        raise ConfigError(f"input={cfg.input}: no such folder or .npz file; pass an image folder, an npz "
-                          "written by sample.py, or input=null for a split of the run's dataset")
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, C) -> (N, C, H, W)
-    return images
-
-
-def _shape_error(what: str, shape, image_shape) -> ConfigError:
-    channels, height, width = image_shape
-    return ConfigError(f"input={what} is {'x'.join(map(str, shape))} (HxWxC); the checkpoint takes "
-                       f"{height}x{width}x{channels}: resize the images to {height}x{width} with {channels} "
-                       f"channel(s)")
-
-
-def _folder_pixels(folder: str, count: int, image_shape) -> np.ndarray:
-    paths = list_images(folder)[:count]
-    if not paths:
-        raise ConfigError(f"input={folder} holds no images (.png, .jpg, ...); pass a folder of images or an npz")
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            pixels = np.asarray(image)
-        pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # grey (H, W) -> (H, W, 1)
-        if pixels.dtype != np.uint8 or pixels.shape != (image_shape[1], image_shape[2], image_shape[0]):
-            raise _shape_error(path, pixels.shape, image_shape)
-        arrays.append(pixels)
-    return np.stack(arrays)
-
-
-def _npz_pixels(path: str, count: int, image_shape) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        if "arr_0" not in data.files:
-            raise ConfigError(f"input={path} holds no arr_0 (it holds {list(data.files)}); pass an npz written "
-                              "by sample.py")
-        images = data["arr_0"]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ConfigError(f"input={path}: arr_0 is {images.dtype} of shape {images.shape}; expected uint8 NHWC "
-                          "images, as sample.py writes")
-    if images.shape[1:] != (image_shape[1], image_shape[2], image_shape[0]):
-        raise _shape_error(path, images.shape[1:], image_shape)
-    return images[:count]
+    channels, height, width = loaded.image_shape
+    pixels = read_uint8_images("input", cfg.input, (height, width, channels), cfg.num_images,
+                               missing_hint="pass an image folder, an npz written by sample.py, or "
+                                            "input=null for a split of the run's dataset")
+    return to_model_range(pixels)
 
 
 def _split_images(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor:
@@ -170,7 +129,9 @@ def _split_images(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor:
             break
     images = torch.cat(batches)[: cfg.num_images]
     if tuple(images.shape[1:]) != tuple(loaded.image_shape):
-        raise _shape_error(f"split {cfg.split}", images.shape[1:], loaded.image_shape)
+        channels, height, width = loaded.image_shape
+        found = (*images.shape[2:], images.shape[1])  # (C, H, W) -> HxWxC, as the message reads
+        raise shape_error("input", f"split {cfg.split}", found, (height, width, channels))
     return images
 
 

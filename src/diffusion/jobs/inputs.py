@@ -1,0 +1,60 @@
+"""Images given to a job on the command line (edit.py ``input=``, sample.py ``low_res=``):
+an image folder or an npz as sample.py writes it (uint8 NHWC ``arr_0``), checked against the
+size the checkpoint takes, with one-line errors that name the setting."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion.data.datasets import list_images
+from diffusion.utils.errors import ConfigError
+
+
+def shape_error(key: str, what: str, shape, expected: tuple[int, int, int]) -> ConfigError:
+    """``expected`` is (H, W, C)."""
+    height, width, channels = expected
+    return ConfigError(f"{key}={what} is {'x'.join(map(str, shape))} (HxWxC); the checkpoint takes "
+                       f"{height}x{width}x{channels}: resize the images to {height}x{width} with {channels} "
+                       f"channel(s)")
+
+
+def read_uint8_images(key: str, source: str, expected: tuple[int, int, int], count: int | None = None,
+                      missing_hint: str = "pass an image folder or an npz written by sample.py") -> np.ndarray:
+    """The first ``count`` (all if None) images of folder or npz ``source`` as uint8
+    (N, H, W, C), each of shape ``expected`` = (H, W, C)."""
+    path = os.path.expanduser(str(source))
+    if os.path.isdir(path):
+        paths = list_images(path)[:count]
+        if not paths:
+            raise ConfigError(f"{key}={source} holds no images (.png, .jpg, ...); {missing_hint}")
+        arrays = []
+        for image_path in paths:
+            with Image.open(image_path) as image:
+                pixels = np.asarray(image)
+            pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # grey (H, W) -> (H, W, 1)
+            if pixels.dtype != np.uint8 or pixels.shape != expected:
+                raise shape_error(key, image_path, pixels.shape, expected)
+            arrays.append(pixels)
+        return np.stack(arrays)
+    if os.path.isfile(path) and path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise ConfigError(f"{key}={source} holds no arr_0 (it holds {list(data.files)}); pass an npz "
+                                  "written by sample.py")
+            images = data["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ConfigError(f"{key}={source}: arr_0 is {images.dtype} of shape {images.shape}; expected uint8 "
+                              "NHWC images, as sample.py writes")
+        if images.shape[1:] != expected:
+            raise shape_error(key, source, images.shape[1:], expected)
+        return images[:count]
+    raise ConfigError(f"{key}={source}: no such folder or .npz file; {missing_hint}")
+
+
+def to_model_range(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [−1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
