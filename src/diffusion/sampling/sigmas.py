@@ -121,7 +121,7 @@ def grid_timesteps(schedule: str, n: int, t_hi: float, t_lo: float = 0.0) -> np.
     if schedule == "leading":
         grid = t_lo + np.arange(n)[::-1] * math.floor(span / n)
     else:  # trailing
-        grid = t_lo + np.round(span - np.arange(n) * span / n) - 1.0
+        grid = t_lo + _steps.trailing_offsets(span, n)
     return np.clip(grid, t_lo, t_hi)
 
 

@@ -104,7 +104,13 @@ def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
     i = 0..N-1, so that sampling starts at the last step T − 1 (where the noise x_T is what
     the model was trained on) and the last call is at T/N − 1, not at t = 0."""
     check_steps(steps, num_timesteps)
-    return sorted(int(t) for t in np.round(np.arange(num_timesteps, 0, -num_timesteps / steps))[:steps] - 1)
+    return sorted(int(t) for t in trailing_offsets(num_timesteps, steps))
+
+
+def trailing_offsets(span: float, steps: int) -> np.ndarray:
+    """round(S − i S/N) − 1 for i = 0..N-1, descending: the trailing steps over S steps
+    (Lin et al. 2023, Table 2; also the σ samplers' ``trailing`` grid, over a capped range)."""
+    return np.round(span - np.arange(steps) * span / steps) - 1.0
 
 
 def quadratic_skip_timesteps(num_timesteps: int, steps: int) -> list[int]:
