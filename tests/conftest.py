@@ -74,3 +74,15 @@ def compose_cfg(tmp_path, monkeypatch):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint of a 4-step run of a tiny UNet on the digits (T = 50, cosine), trained
+    once per test session for every job test that only reads it."""
+    from test_train import TINY_RUN  # noqa: PLC0415  (test_train imports this module)
+
+    return train_checkpoint(tmp_path_factory.mktemp("tiny_run"), [
+        *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
+        "~callbacks.sample_grid"])
+

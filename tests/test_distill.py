@@ -135,16 +135,6 @@ def distill_cfg(tmp_path, ckpt, *overrides):
                           tmp_path / "distilled")
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from conftest import train_checkpoint  # noqa: PLC0415
-    from test_train import TINY_RUN  # noqa: PLC0415
-
-    return train_checkpoint(tmp_path_factory.mktemp("teacher"), [
-        *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
-        "~callbacks.sample_grid"])
-
-
 @pytest.mark.slow
 def test_distill_rounds_resume_refuse_and_sample(tmp_path, tiny_ckpt, monkeypatch):
     from diffusion.checkpoint import load_checkpoint  # noqa: PLC0415

@@ -23,9 +23,6 @@ from diffusion.process.respace import respace
 from diffusion.sampling import DDIMSampler, DDPMSampler
 from diffusion.sampling.inversion import ddim_invert, sdedit, slerp, slerp_row
 
-from conftest import train_checkpoint
-from test_train import TINY_RUN
-
 MU, STD = 0.2, 0.3
 
 
@@ -132,14 +129,6 @@ def test_slerp_ends_and_norms():
 
 
 # ------------------------------------------------------------------------- the job
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A checkpoint of a 4-step run of a tiny UNet on the digits (T = 50, cosine)."""
-    return train_checkpoint(tmp_path_factory.mktemp("tiny_run"), [
-        *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
-        "~callbacks.sample_grid"])
-
-
 def edit_cfg(compose_cfg, tmp_path, ckpt, *overrides):
     return compose_cfg("edit", ["progress=false", f"ckpt={ckpt}", "sampler=ddim10", *overrides],
                        output_dir=tmp_path / "out")

@@ -20,17 +20,8 @@ from diffusion.jobs.evaluate import evaluate
 from diffusion.jobs.sample import sample
 from diffusion.process.analytic import GaussianDataDenoiser
 
-from conftest import REPO, train_checkpoint
+from conftest import REPO
 from test_sampling import assert_moments, chain_moments
-from test_train import TINY_RUN
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A checkpoint of a 4-step run of a tiny UNet on the digits (T = 50, cosine)."""
-    return train_checkpoint(tmp_path_factory.mktemp("tiny_run"), [
-        *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
-        "~callbacks.sample_grid"])
 
 
 def sample_cfg(compose_cfg, tmp_path, *overrides):

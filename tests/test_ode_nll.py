@@ -38,9 +38,6 @@ from diffusion.process.analytic import (
 from diffusion.sampling.sigmas import Denoiser
 from diffusion.utils.errors import ConfigError
 
-from conftest import train_checkpoint
-from test_train import TINY_RUN
-
 F64 = torch.float64
 MU, S = 0.2, 0.3
 T = 1000
@@ -143,14 +140,6 @@ def test_dequantize_stays_in_the_bins():
     x = torch.arange(256, dtype=F64) / 127.5 - 1
     y = dequantize(x, torch.Generator().manual_seed(0))
     assert ((y - x).abs() <= 1 / 255).all() and not torch.equal(y, x)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A checkpoint of a 4-step run of a tiny UNet on the digits (T = 50, cosine)."""
-    return train_checkpoint(tmp_path_factory.mktemp("tiny_run"), [
-        *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
-        "~callbacks.sample_grid"])
 
 
 def test_evaluate_ode_nll_writes_json(compose_cfg, tiny_ckpt, tmp_path):
