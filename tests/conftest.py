@@ -86,3 +86,26 @@ def tiny_ckpt(tmp_path_factory):
         *TINY_RUN, "trainer.max_steps=4", "test_after_fit=false", "trainer.limit_val_batches=0",
         "~callbacks.sample_grid"])
 
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_ckpt(tmp_path_factory):
+    """A class-conditional ``tiny_ckpt`` trained with label dropout (a null class, for
+    guidance): 6 steps at a learning rate high enough, and an EMA short enough, that the
+    class changes the weights' outputs."""
+    from test_train import TINY_RUN  # noqa: PLC0415  (test_train imports this module)
+
+    return train_checkpoint(tmp_path_factory.mktemp("tiny_cond_run"), [
+        *TINY_RUN, "class_cond=true", "module.label_dropout=0.2", "module.warmup_steps=0",
+        "module.optimizer.lr=3e-3", "callbacks.ema.decays=[0.5]", "trainer.max_steps=6", "test_after_fit=false",
+        "trainer.limit_val_batches=0", "~callbacks.sample_grid", "~callbacks.posthoc_ema"])
+
+
+@pytest.fixture(scope="session")
+def tiny_superres_ckpt(tmp_path_factory):
+    """A 3-step run of a tiny super-resolution UNet, digits 4x4 -> 8x8 (T = 20)."""
+    return train_checkpoint(tmp_path_factory.mktemp("tiny_superres_run"), [
+        "experiment=digits_superres_4to8", *TINY_UNET, "model.attention_resolutions=[4]",
+        "diffusion.betas.num_diffusion_timesteps=20", "data.batch_size=16", "~callbacks.progress_bar",
+        "trainer.max_steps=3", "test_after_fit=false", "trainer.limit_val_batches=0", "~callbacks.posthoc_ema",
+        "trainer.log_every_n_steps=1"])

@@ -1,4 +1,5 @@
-"""edit.py: DDIM inversion and reconstruction, slerp, SDEdit, the job end to end, bad input.
+"""edit.py: DDIM inversion and reconstruction, slerp, SDEdit, the job end to end, bad input;
+class-conditional and guided editing on a tiny class-conditional checkpoint.
 
 The math runs on the analytic Gaussian denoiser (process.analytic.GaussianDataDenoiser, the
 Bayes-optimal model of N(μ, s²) data), in float64, so every error left is the sampler's
@@ -17,7 +18,9 @@ import torch
 from PIL import Image
 
 from diffusion import GaussianDiffusion, get_named_beta_schedule
+from diffusion.data.digits import digits_images
 from diffusion.jobs.edit import edit
+from diffusion.jobs.sample import sample
 from diffusion.process.analytic import GaussianDataDenoiser
 from diffusion.process.respace import respace
 from diffusion.sampling import DDIMSampler, DDPMSampler
@@ -224,3 +227,109 @@ def test_inpaint_keeps_the_known_pixels_and_writes_masks_grid_and_json(compose_c
     np.save(tmp_path / "ones.npy", np.ones((8, 8)))
     ones = edit(edit_cfg(compose_cfg, tmp_path / "o", tiny_ckpt, *args, f"inpaint.mask={tmp_path / 'ones.npy'}"))
     np.testing.assert_array_equal(np.load(ones["npz"])["arr_0"], pixels)
+
+
+# ------------------------------------------------------- class-conditional and guided models
+def test_guidance_applies_to_inversion_and_sdedit_as_to_sampling():
+    """A toy class-conditional model, ε̂(x, t, y) = ε̂*(x, t) + 0.05 y with ε̂* the optimal
+    denoiser and null label 0: under guidance_scale w every edit runs with the guided
+    ε̃ = ε̂* + 0.05 w y, exactly as with an unconditional model that returns ε̃."""
+    diffusion = make_diffusion(100)
+    optimal = GaussianDataDenoiser(diffusion, MU, STD)
+    scale, labels = 3.0, torch.tensor([1, 2, 0, 5])
+
+    def conditional(x, t, y):
+        return optimal(x, t) + 0.05 * y.view(-1, 1, 1, 1).to(x.dtype)  # (B,) -> (B, 1, 1, 1)
+
+    def guided(x, t):  # ε̂_u + w (ε̂_c − ε̂_u)
+        return optimal(x, t) + 0.05 * scale * labels.view(-1, 1, 1, 1).to(x.dtype)
+
+    kwargs = {"y": labels, "null_label": 0}
+    x = gaussian_data(4)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with_guidance, plain = DDIMSampler(steps=10, guidance_scale=scale), DDIMSampler(steps=10)
+    torch.testing.assert_close(ddim_invert(diffusion, conditional, x, with_guidance, model_kwargs=kwargs),
+                               ddim_invert(diffusion, guided, x, plain), rtol=1e-12, atol=1e-12)
+    for strength in (0.5, 1.0):
+        torch.testing.assert_close(
+            sdedit(diffusion, conditional, x, strength, with_guidance, noise=noise, model_kwargs=kwargs),
+            sdedit(diffusion, guided, x, strength, plain, noise=noise), rtol=1e-12, atol=1e-12)
+
+
+def cond_cfg(compose_cfg, tmp_path, ckpt, *overrides):
+    return edit_cfg(compose_cfg, tmp_path, ckpt, "num_images=5", "batch_size=3", *overrides)
+
+
+def test_class_conditional_reconstruct_and_sdedit_at_strength_0(compose_cfg, tiny_cond_ckpt, tmp_path):
+    """Inversion and decoding with each test image's own label round-trip (the tiny model's
+    error, well below the data's spread); the labels reach the npz (arr_1) and the JSON.
+    SDEdit at strength 0 towards another class returns the input."""
+    report = edit(cond_cfg(compose_cfg, tmp_path / "r", tiny_cond_ckpt, "task=reconstruct", "class_labels=input"))
+    test_labels = digits_images("test")[1][:5].tolist()
+    assert report["labels"] == test_labels and report["class_labels"] == "input"
+    np.testing.assert_array_equal(np.load(report["npz"])["arr_1"], test_labels)
+    assert json.load(open(report["json"]))["labels"] == test_labels
+    assert report["mse_per_dim"] < 0.05
+    npz = digits_npz(tmp_path / "in.npz")
+    zero = edit(cond_cfg(compose_cfg, tmp_path / "s", tiny_cond_ckpt, "task=sdedit", "strength=0", f"input={npz}",
+                         "class_labels=[8]", "sampler.guidance_scale=2"))
+    np.testing.assert_array_equal(np.load(zero["npz"])["arr_0"], np.load(npz)["arr_0"])
+    assert zero["labels"] == [8] * 5 and zero["guidance_scale"] == 2
+
+
+def test_the_target_class_reaches_the_model(compose_cfg, tiny_cond_ckpt, tmp_path):
+    """SDEdit at strength 1 is sampling from batch i's noise (seed, i): towards class 3 it
+    gives sample.py's class_labels=3 images (guided too), and class 8 gives others."""
+    npz = digits_npz(tmp_path / "in.npz")
+
+    def sdedit_to(label, *extra):
+        report = edit(cond_cfg(compose_cfg, tmp_path / f"e{label}{len(extra)}", tiny_cond_ckpt, "task=sdedit",
+                               "strength=1", f"input={npz}", f"class_labels={label}", *extra))
+        return np.load(report["npz"])["arr_0"]
+
+    def sample_of(label, *extra):
+        cfg = compose_cfg("sample", ["progress=false", f"ckpt={tiny_cond_ckpt}", "sampler=ddim10", "num_samples=5",
+                                     "batch_size=3", f"class_labels={label}", *extra],
+                          output_dir=tmp_path / f"s{label}{len(extra)}")
+        return np.load(sample(cfg)["npz"])["arr_0"]
+
+    three = sdedit_to(3)
+    np.testing.assert_array_equal(three, sample_of(3))
+    assert (three != sdedit_to(8)).mean() > 0.1
+    np.testing.assert_array_equal(sdedit_to(3, "sampler.guidance_scale=3"), sample_of(3, "sampler.guidance_scale=3"))
+
+
+def test_interpolate_keeps_one_class_per_row_and_inpaint_fills_towards_the_class(compose_cfg, tiny_cond_ckpt,
+                                                                                   tmp_path):
+    report = edit(cond_cfg(compose_cfg, tmp_path / "i", tiny_cond_ckpt, "task=interpolate", "class_labels=[2,7]",
+                           "interpolation.source=seeds", "interpolation.num_pairs=2", "interpolation.num_images=3"))
+    assert report["labels"] == [2, 2, 2, 7, 7, 7]
+    np.testing.assert_array_equal(np.load(report["npz"])["arr_1"], [2, 2, 2, 7, 7, 7])
+    npz = digits_npz(tmp_path / "in.npz")
+    args = ["task=inpaint", "sampler=ddpm", "sampler.steps=3", "inpaint.jump_n_sample=1", f"input={npz}"]
+    filled = [np.load(edit(cond_cfg(compose_cfg, tmp_path / f"p{k}", tiny_cond_ckpt, *args, f"class_labels={k}"))["npz"])
+              for k in (2, 5)]
+    masks = filled[0]["masks"].astype(bool)
+    for arrays in filled:  # the known pixels are the input's whatever the class
+        np.testing.assert_array_equal(arrays["arr_0"][masks], np.load(npz)["arr_0"][masks])
+    assert (filled[0]["arr_0"] != filled[1]["arr_0"]).any() and list(filled[1]["arr_1"]) == [5] * 5
+
+
+@pytest.mark.parametrize(("ckpt", "overrides", "message"), [
+    ("cond", [], r"class_labels is not set: .* is class-conditional \(classes 0..9\); pass .*class_labels=K in 0..9"),
+    ("cond", ["class_labels=10"], r"class_labels=10: \[10\] outside the checkpoint's classes 0..9"),
+    ("cond", ["class_labels=[1,-1]"], r"\[-1\] outside the checkpoint's classes 0..9"),
+    ("cond", ["class_labels=seven"], "class_labels='seven' must be a class index"),
+    ("cond", ["class_labels=input", "input=GOOD"], "class_labels=input takes each image's label from a split"),
+    ("cond", ["task=interpolate", "interpolation.source=seeds", "class_labels=input"], "class_labels=input takes"),
+    ("plain", ["class_labels=3"], r"class_labels=3: .* is unconditional \(no classes\); leave class_labels=null"),
+    ("plain", ["sampler.guidance_scale=2"], "needs a class-conditional model"),
+])
+def test_class_errors_are_one_line_and_nothing_is_written(compose_cfg, tiny_ckpt, tiny_cond_ckpt, tmp_path, ckpt,
+                                                          overrides, message):
+    good = digits_npz(tmp_path / "good.npz")
+    overrides = [o.replace("GOOD", str(good)) for o in overrides]
+    with pytest.raises(ValueError, match=message) as err:
+        edit(cond_cfg(compose_cfg, tmp_path, tiny_cond_ckpt if ckpt == "cond" else tiny_ckpt, *overrides))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Super-resolution (IDDPM App. A; improved-diffusion's SuperResModel): the conditioned UNet
 at every preset's size, the low-resolution pairs, a tiny training run sampled end to end,
-and sample.py's one-line errors."""
+low-resolution inputs from a split, edit.py task=superres, evaluate.py on a super-resolution
+checkpoint, and the one-line errors."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from PIL import Image
 
 from diffusion.checkpoint import load_checkpoint
 from diffusion.data import DigitsData, SuperResData
+from diffusion.jobs.edit import edit
+from diffusion.jobs.evaluate import evaluate
 from diffusion.jobs.sample import sample
+from diffusion.jobs.superres import read_low_res
 from diffusion.training.run import train
 from diffusion.utils.errors import ConfigError
 
@@ -83,3 +88,80 @@ def test_tiny_run_loads_and_samples_with_low_res(compose_cfg, tmp_path):
             sample(cfg)
         assert "\n" not in str(err.value)
         assert not folder.exists() or not any(folder.iterdir())
+
+
+# ----------------------------------------------- low-resolution inputs from a split; edit, evaluate
+def job_cfg(compose_cfg, name, ckpt, out, *overrides):
+    return compose_cfg(name, ["progress=false", f"ckpt={ckpt}", "sampler=ddim10", "sampler.steps=4", "batch_size=3",
+                              *overrides], output_dir=out)
+
+
+def test_low_res_from_a_split_is_the_training_pairs_and_edit_superres_samples_as_sample_py(
+        compose_cfg, tiny_superres_ckpt, tmp_path):
+    """``low_res=split:test`` is the first test images as SuperResData pairs them in training;
+    edit.py task=superres draws batch i as sample.py does (npz and split inputs alike), with
+    the bicubic upsampling and, from a split, the originals in the grid and the JSON."""
+    loaded = load_checkpoint(tiny_superres_ckpt)
+    cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "s", "num_samples=5", "low_res=split:test")
+    pairs = SuperResData(DigitsData(), low_res_size=4)
+    pairs.setup()
+    torch.testing.assert_close(read_low_res(cfg, loaded), torch.stack([pairs.test_set[i][1]["low_res"] for i in range(5)]),
+                               rtol=0, atol=0)
+    from_split = np.load(sample(cfg)["npz"])["arr_0"]
+    report = edit(job_cfg(compose_cfg, "edit", tiny_superres_ckpt, tmp_path / "e", "task=superres", "num_images=5"))
+    arrays = np.load(report["npz"])
+    np.testing.assert_array_equal(arrays["arr_0"], from_split)
+    assert arrays["low_res"].shape == (5, 4, 4, 1) and report["input"] == "split:test"
+    assert report["mse_per_dim"] > 0 and report["bicubic_mse_per_dim"] > 0  # against the originals
+    assert Image.open(report["grid"]).size == (2 + 5 * 10, 2 + 3 * 10)  # bicubic, outputs, originals
+    low = np.random.default_rng(0).integers(0, 256, (4, 4, 4, 1), dtype=np.uint8)
+    np.savez(tmp_path / "low.npz", arr_0=low)
+    report = edit(job_cfg(compose_cfg, "edit", tiny_superres_ckpt, tmp_path / "n", "task=superres",
+                          f"input={tmp_path / 'low.npz'}"))
+    np.testing.assert_array_equal(np.load(report["npz"])["low_res"], low)
+    cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "sn", "num_samples=4",
+                  f"low_res={tmp_path / 'low.npz'}")
+    np.testing.assert_array_equal(np.load(report["npz"])["arr_0"], np.load(sample(cfg)["npz"])["arr_0"])
+    assert "mse_per_dim" not in report and Image.open(report["grid"]).size[1] == 2 + 2 * 10
+
+
+@pytest.mark.parametrize(("job", "ckpt", "overrides", "message"), [
+    ("edit", "superres", ["task=superres", "input=HIGH"], r"input=.*high.npz is 8x8x1 \(HxWxC\); the checkpoint "
+                                                          "takes 4x4x1"),
+    ("edit", "superres", ["task=superres", "input=RGB"], "is 4x4x3 .*takes 4x4x1.* with 1 channel"),
+    ("edit", "superres", ["task=reconstruct"], r"is a super-resolution model \(4x4 -> 8x8\): pass task=superres"),
+    ("edit", "plain", ["task=superres"], "task=superres needs a super-resolution checkpoint"),
+    ("sample", "superres", ["low_res=split:bogus"], "low_res=split:bogus: 'bogus' is not a split"),
+    ("sample", "plain", ["low_res=split:test"], "the checkpoint is not a super-resolution model"),
+])
+def test_bad_low_res_input_is_one_line_and_nothing_is_written(compose_cfg, tiny_ckpt, tiny_superres_ckpt, tmp_path,
+                                                              job, ckpt, overrides, message):
+    np.savez(tmp_path / "high.npz", arr_0=np.zeros((2, 8, 8, 1), np.uint8))
+    np.savez(tmp_path / "rgb.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    overrides = [o.replace("HIGH", str(tmp_path / "high.npz")).replace("RGB", str(tmp_path / "rgb.npz"))
+                 for o in overrides]
+    cfg = job_cfg(compose_cfg, job, tiny_superres_ckpt if ckpt == "superres" else tiny_ckpt, tmp_path / "out",
+                  *overrides)
+    with pytest.raises(ConfigError, match=message) as err:
+        (edit if job == "edit" else sample)(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_evaluate_nll_and_fid_condition_on_the_split(compose_cfg, tiny_superres_ckpt, tmp_path):
+    """metric=nll (and ode_nll) feeds each test pair's low_res to the model; metric=fid conditions sample i
+    on the low-resolution test image i (the samples are sample.py low_res=split:test's) and
+    scores them with the digits classifier, the high-resolution images' features."""
+    nll = evaluate(job_cfg(compose_cfg, "evaluate", tiny_superres_ckpt, tmp_path / "nll", "metric=nll",
+                           "max_batches=1", "batch_size=4"))
+    assert nll["num_images"] == 4 and np.isfinite(nll["bpd"])
+    ode = evaluate(job_cfg(compose_cfg, "evaluate", tiny_superres_ckpt, tmp_path / "ode", "metric=ode_nll",
+                           "max_batches=1", "batch_size=2", "ode_rtol=1e-2", "ode_atol=1e-2"))
+    assert ode["num_images"] == 2 and np.isfinite(ode["bpd"])
+    fid = evaluate(job_cfg(compose_cfg, "evaluate", tiny_superres_ckpt, tmp_path / "fid", "metric=fid",
+                           "num_samples=12", f"cache_dir={tmp_path / 'cache'}", "kid_subset_size=4",
+                           "memorisation_pairs=0"))
+    assert np.isfinite(fid["fid_digits"]) and fid["num_samples"] == 12
+    drawn = np.load(next((tmp_path / "fid").glob("samples_12x8x8x1.npz")))["arr_0"]
+    cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "s", "num_samples=12", "low_res=split:test")
+    np.testing.assert_array_equal(drawn, np.load(sample(cfg)["npz"])["arr_0"])

@@ -1,10 +1,12 @@
 """Edit images with a checkpoint: DDIM inversion and reconstruction, interpolation, SDEdit,
-inpainting (RePaint).
+inpainting (RePaint), super-resolution of low-resolution inputs.
 
     python edit.py ckpt=outputs/.../checkpoints/last.ckpt task=reconstruct input=FOLDER_OR_NPZ sampler=ddim50
     python edit.py ckpt=... task=interpolate interpolation.source=seeds interpolation.num_pairs=4
     python edit.py ckpt=... task=sdedit strength=0.5 input=null split=test
     python edit.py ckpt=... task=inpaint sampler=ddpm250 inpaint.mask=center input=FOLDER_OR_NPZ
+    python edit.py ckpt=CLASS_COND task=sdedit class_labels=8 sampler.guidance_scale=3 input=FOLDER_OR_NPZ
+    python edit.py ckpt=SUPERRES task=superres input=LOW_RES_NPZ_OR_FOLDER     # or input=null split=test
     python edit.py --help             # or: diffusion-edit --help
 """
 

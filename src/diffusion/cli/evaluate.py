@@ -3,6 +3,8 @@
     python evaluate.py ckpt=outputs/.../checkpoints/last.ckpt metric=nll
     python evaluate.py ckpt=... metric=fid samples=outputs/samples/.../samples_10000x32x32x3.npz \
         inception_weights=~/weights/pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py ckpt=... metric=fid feature_extractor=dinov2 \
+        dinov2_weights=~/weights/dinov2_vitl14_pretrain.pth num_seeds=3
     python evaluate.py --help         # or: diffusion-evaluate --help
 """
 

@@ -1,5 +1,5 @@
 """Evaluation: the variational bound and the probability-flow ODE likelihood in bits/dim over
-a dataset, and FID / Inception Score.
+a dataset, and FID / Inception Score (Inception, DINOv2 or the digits classifier's features).
 
     from diffusion.evaluation import evaluate_bpd, FIDEvaluator, DigitsFeatureExtractor
 
@@ -21,7 +21,9 @@ _EXPORTS = {
     "FeatureExtractor": "diffusion.evaluation.fid",
     "InceptionFeatureExtractor": "diffusion.evaluation.fid",
     "DigitsFeatureExtractor": "diffusion.evaluation.fid",
+    "DINOv2FeatureExtractor": "diffusion.evaluation.fid",
     "INCEPTION_WEIGHTS_URL": "diffusion.evaluation.fid",
+    "DINOV2_WEIGHTS_URL": "diffusion.evaluation.fid",
     "to_uint8_nchw": "diffusion.evaluation.fid",
 }
 

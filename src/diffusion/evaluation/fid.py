@@ -19,17 +19,25 @@ Feature extractors:
   FID_digits is the Fréchet distance in the 64 penultimate features of a small CNN trained
   on the digits, and the "classifier score" is IS with its class probabilities (at most 10).
   FID_digits is NOT comparable to Inception FID.
+* ``DINOv2FeatureExtractor``: FD-DINOv2 (Stein et al. 2023, arXiv 2306.04675), the Fréchet
+  distance in the final-normed CLS token of DINOv2 (384 dims for ViT-S/14, 1024 for ViT-L/14;
+  `diffusion.evaluation.vit`) read from an official checkpoint file (``dinov2_weights=``; see
+  ``DINOV2_WEIGHTS_URL``), on images prepared as their dgm-eval code does. It has no
+  classifier, so it reports no score (``score_key = None``).
 
 Reference statistics (μ_r, Σ_r) and the reference features themselves (for precision/recall,
 KID and the memorisation audit, `diffusion.evaluation.neighbours`) are computed once per
-(dataset, split, extractor) and kept in ``cache_dir/<dataset>-<split>-<extractor>.npz`` (keys
-``mu``, ``sigma``, ``num_images``, ``features``); delete the file to recompute. A file of an
-older version without ``features`` is recomputed. Nothing here prints; results are plain dicts.
+(dataset, split, extractor, extractor weights) and kept in
+``cache_dir/<dataset>-<split>-<extractor>[-<weights sha256, 12 digits>].npz`` (keys ``mu``,
+``sigma``, ``num_images``, ``features``); delete the file to recompute. A file of an older
+version without ``features`` is recomputed. Nothing here prints; results are plain dicts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -48,14 +56,21 @@ from diffusion.evaluation.neighbours import (
     memorisation_audit,
     precision_recall,
 )
+from diffusion.evaluation.vit import vit_from_state_dict
 from diffusion.process._tensor import model_device
 from diffusion.utils.atomic import atomic_savez, atomic_write
+from diffusion.utils.errors import ConfigError
 from diffusion.utils.images import to_uint8
 
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth"
 )
+# The smallest official DINOv2 checkpoint; dinov2_vitl14/dinov2_vitl14_pretrain.pth (FD-DINOv2's
+# ViT-L/14) sits beside it under the same name pattern.
+DINOV2_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusion/fid")
 
 
@@ -101,28 +116,38 @@ def iter_uint8_batches(samples, batch_size: int):
 
 # ------------------------------------------------------------------- feature extractors
 class FeatureExtractor(nn.Module):
-    """What ``FIDEvaluator`` needs: features for FID and class logits for the score.
+    """What ``FIDEvaluator`` needs: features for FID and, where there is a classifier, class
+    logits for the score.
 
-    Subclasses set ``name`` (part of the reference-statistics cache key), ``num_features``,
-    and the result keys ``fid_key`` and ``score_key``.
+    Subclasses set ``name`` and ``weights_sha256`` (the SHA-256 of the weights file, None
+    when there is none; both are in the reference-statistics cache key and the result's
+    protocol), ``num_features``, and the result keys ``fid_key`` and ``score_key``;
+    ``score_key = None``: no classifier, no score, and ``logits`` is never called.
     """
 
     name: str = "features"
+    weights_sha256: str | None = None
     num_features: int = 0
     fid_key: str = "fid"
-    score_key: str = "inception_score"
+    score_key: str | None = "inception_score"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float (N, num_features)."""
         raise NotImplementedError
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, num_features) -> (N, num_classes) class logits."""
+        """(N, num_features) -> (N, num_classes) class logits (when ``score_key`` is set)."""
         raise NotImplementedError
 
     def extra_results(self) -> dict:
         """Constant numbers to report next to the metrics (sanity checks)."""
         return {}
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes (read in chunks: a ViT-L checkpoint is 1.2 GB)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_inception_weights(path) -> Path:
@@ -157,6 +182,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
             antialias=antialias,
         )
         self.name = "inception2015-pool3" + ("-antialias" if antialias else "")
+        self.weights_sha256 = file_sha256(weights_path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
@@ -216,10 +242,11 @@ class DigitsFeatureExtractor(FeatureExtractor):
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state["state_dict"])
             model.test_accuracy = float(state["test_accuracy"])
-            return model.eval()
-        model.fit()
-        with atomic_write(str(path)) as handle:
-            torch.save({"state_dict": model.state_dict(), "test_accuracy": model.test_accuracy}, handle)
+        else:
+            model.fit()
+            with atomic_write(str(path)) as handle:
+                torch.save({"state_dict": model.state_dict(), "test_accuracy": model.test_accuracy}, handle)
+        model.weights_sha256 = file_sha256(path)  # the weights file is the cache file
         return model.eval()
 
     def fit(self, epochs: int = 8, batch_size: int = 128, lr: float = 5e-3) -> float:
@@ -247,9 +274,69 @@ class DigitsFeatureExtractor(FeatureExtractor):
         return self.test_accuracy
 
 
+def check_dinov2_weights(path) -> Path:
+    """The DINOv2 checkpoint file, or a ConfigError that says where to get it."""
+    if path is not None and Path(path).expanduser().is_file():
+        return Path(path).expanduser()
+    where = " is not set" if path is None else f"={path} does not exist"
+    raise ConfigError(
+        f"dinov2_weights{where}: feature_extractor=dinov2 reads an official DINOv2 checkpoint, never "
+        f"downloaded here: fetch {DINOV2_WEIGHTS_URL} (or dinov2_vitl14_pretrain.pth, FD-DINOv2's ViT-L/14) "
+        f"on a machine with internet access and pass dinov2_weights=/path/to/that/file"
+    )
+
+
+def dinov2_inputs(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> DINOv2's input (N, 3, size, size), prepared as FD-DINOv2's code
+    (dgm-eval) prepares an image: torchvision's bicubic Resize((224, 224)) of the 8-bit PIL
+    image, ToTensor ([0, 1]) and the ImageNet mean and std. PIL's resize is done here in two
+    antialiased bicubic passes (its a = -0.5 kernel, which torch's antialiased bicubic uses
+    too), width then height, each rounded to 8 bits as PIL stores it; PIL computes in fixed
+    point, so about one pixel in 2000 differs from PIL's by a level (rarely two). Grey images
+    are repeated to three channels."""
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # grey (N, 1, H, W) -> (N, 3, H, W)
+    for pass_size in ((x.shape[2], size), (size, size)):  # PIL: horizontal pass, then vertical
+        x = F.interpolate(x, size=pass_size, mode="bicubic", antialias=True).clamp(0, 255).round()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x / 255 - mean) / std
+
+
+class DINOv2FeatureExtractor(FeatureExtractor):
+    """DINOv2's final-normed CLS token (`diffusion.evaluation.vit`), the features of
+    FD-DINOv2, from an official checkpoint file; no classifier, so no score."""
+
+    fid_key = "fd_dinov2"
+    score_key = None
+    input_size = 224  # FD-DINOv2's resize (the patch grid is 16 x 16 for patch size 14)
+
+    def __init__(self, weights_path):
+        super().__init__()
+        path = check_dinov2_weights(weights_path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:  # not a torch file
+            raise ConfigError(f"dinov2_weights={path} is not a readable checkpoint "
+                              f"({' '.join(str(err).split())[:200]})") from None
+        try:
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"it holds a {type(state).__name__}, not a state dict of tensors")
+            self.vit = vit_from_state_dict(state)
+        except ValueError as err:
+            raise ConfigError(f"dinov2_weights={path}: {err}") from None
+        self.num_features = self.vit.shape.dim
+        self.name = f"dinov2-{self.vit.shape.variant}"
+        self.weights_sha256 = file_sha256(path)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(dinov2_inputs(images, self.input_size))
+
+
 # --------------------------------------------------------------------------- evaluator
 class FIDEvaluator:
-    """FID and Inception Score (or their digits analogues) of samples against a dataset.
+    """FID and Inception Score (or their digits and DINOv2 analogues) of samples against a dataset.
 
     Args:
         feature_extractor: a ``FeatureExtractor``; None builds ``InceptionFeatureExtractor``
@@ -259,7 +346,8 @@ class FIDEvaluator:
         device: where the feature network runs (default: where its parameters are).
         batch_size: images per forward pass.
         splits: the Inception Score's number of splits (10 in Salimans et al.).
-        seed: seed of the Inception Score's random split and of KID's subsets (so results repeat).
+        seed: seed of the Inception Score's random split and of KID's subsets (so results
+            repeat); a call may pass another.
         nearest_k: k of precision/recall (3 in Kynkäänniemi et al.).
         kid_subsets, kid_subset_size: KID's subsets (100 of 1000 in Bińkowski et al.).
         memorisation_threshold: the ratio below which a sample counts as a near-copy.
@@ -281,12 +369,23 @@ class FIDEvaluator:
         self.splits = splits
         self.seed = seed
         self.nearest_k = nearest_k
-        self.kid = {"subsets": kid_subsets, "subset_size": kid_subset_size, "seed": seed}
+        self.kid = {"subsets": kid_subsets, "subset_size": kid_subset_size}
         self.memorisation_threshold = memorisation_threshold
         self.memorisation_pairs = memorisation_pairs
 
     def cache_path(self, dataset: str, split: str) -> Path:
-        return self.cache_dir / f"{dataset}-{split}-{self.extractor.name}.npz"
+        """The cache key: the images (dataset, split), the extractor and its weights."""
+        name, weights = self.extractor.name, self.extractor.weights_sha256
+        extractor = f"{name}-{weights[:12]}" if weights else name
+        return self.cache_dir / f"{dataset}-{split}-{extractor}.npz"
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The scalar results that measure the samples (which another sample set changes), as
+        opposed to the settings and constants beside them in a result."""
+        score = self.extractor.score_key
+        scores = (score, f"{score}_std") if score else ()
+        return (self.extractor.fid_key, *scores, "precision", "recall", "kid", "kid_std", "memorisation_share")
 
     @torch.no_grad()
     def _features(self, samples) -> Iterable[torch.Tensor]:
@@ -329,7 +428,8 @@ class FIDEvaluator:
         # The unbiased covariance exactly as torchmetrics' compute() forms it.
         sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
         stats = {"mu": mu.numpy(), "sigma": sigma.numpy(), "num_images": n, "features": torch.cat(kept).numpy()}
-        atomic_savez(str(path), extractor=self.extractor.name, **stats)
+        atomic_savez(str(path), extractor=self.extractor.name, weights_sha256=str(self.extractor.weights_sha256),
+                     **stats)
         return {**stats, "path": str(path)}
 
     def _new_fid(self) -> FrechetInceptionDistance:
@@ -339,51 +439,62 @@ class FIDEvaluator:
 
     @torch.no_grad()
     def __call__(self, samples, *, dataset: str, split: str = "train",
-                 real_batches: Iterable | Callable[[], Iterable] | None = None) -> dict:
-        """Scores of ``samples`` (see ``iter_uint8_batches``) against ``dataset``/``split``.
+                 real_batches: Iterable | Callable[[], Iterable] | None = None, seed: int | None = None) -> dict:
+        """Scores of ``samples`` (see ``iter_uint8_batches``) against ``dataset``/``split``;
+        ``seed`` (default: the evaluator's) draws the score's split and KID's subsets.
 
         Returns ``{fid_key, score_key, score_key + "_std", "num_samples", ...}``; for the
         Inception extractor ``fid``/``inception_score``, for the digits one ``fid_digits``/
-        ``classifier_score`` plus ``classifier_test_accuracy``; and, on the same features,
-        ``precision``, ``recall``, ``kid``, ``kid_std``, ``memorisation_share`` and
-        ``memorisation_pairs`` (`neighbour_metrics`).
+        ``classifier_score`` plus ``classifier_test_accuracy``, for DINOv2 ``fd_dinov2`` and no
+        score; and, on the same features, ``precision``, ``recall``, ``kid``, ``kid_std``,
+        ``memorisation_share`` and ``memorisation_pairs`` (`neighbour_metrics`). What they were
+        computed from (extractor, reference set, ...) is the caller's to record.
         """
+        seed = self.seed if seed is None else seed
         ref = self.reference_stats(dataset, split, real_batches)
         fid = self._new_fid()
         _load_real_stats(fid, ref)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            score = InceptionScore(feature=_Given(0), splits=self.splits)
         kept = []
         for features in self._features(samples):
             fid.update(features, real=False)
-            score.update(self.extractor.logits(features))
             kept.append(features)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # InceptionScore shuffles with the global RNG
-            score_mean, score_std = score.compute()
-        key = self.extractor.score_key
+        features = torch.cat(kept)
         return {
             self.extractor.fid_key: float(fid.compute()),
-            key: float(score_mean),
-            f"{key}_std": float(score_std),
+            **self.score(features, seed),
             "num_samples": int(fid.fake_features_num_samples),
             **self.extractor.extra_results(),
-            **self.neighbour_metrics(torch.as_tensor(ref["features"]), torch.cat(kept)),
-            "feature_extractor": self.extractor.name,
-            "reference": {"dataset": dataset, "split": split, "num_images": int(ref["num_images"])},
+            **self.neighbour_metrics(torch.as_tensor(ref["features"]), features, seed),
         }
 
-    def neighbour_metrics(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
-        """Precision/recall, KID and the memorisation audit of ``fake`` against ``real``
-        features (the reference set stands for the training set in the audit)."""
+    def score(self, features: torch.Tensor, seed: int) -> dict:
+        """The Inception Score (or its classifier analogue) of the samples' features, with its
+        std over ``splits``; nothing for an extractor without a classifier."""
+        key = self.extractor.score_key
+        if key is None:
+            return {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            score = InceptionScore(feature=_Given(0), splits=self.splits)
+        device = model_device(self.extractor) or torch.device("cpu")
+        for batch in features.split(self.batch_size):  # the features are on the CPU, the classifier maybe not
+            score.update(self.extractor.logits(batch.to(device)).cpu())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # InceptionScore shuffles with the global RNG
+            score_mean, score_std = score.compute()
+        return {key: float(score_mean), f"{key}_std": float(score_std)}
+
+    def neighbour_metrics(self, real: torch.Tensor, fake: torch.Tensor, seed: int | None = None) -> dict:
+        """Precision/recall, KID (subsets drawn with ``seed``, default the evaluator's) and the
+        memorisation audit of ``fake`` against ``real`` features (the reference set stands for
+        the training set in the audit)."""
         device = model_device(self.extractor) or torch.device("cpu")
         real, fake = real.to(device, torch.float64), fake.to(device, torch.float64)
         audit = memorisation_audit(fake, real, self.memorisation_threshold)
         return {
             **precision_recall(real, fake, self.nearest_k),
             "nearest_k": self.nearest_k,
-            **kernel_inception_distance(real, fake, **self.kid),
+            **kernel_inception_distance(real, fake, **self.kid, seed=self.seed if seed is None else seed),
             "memorisation_share": audit.share,
             "memorisation_threshold": audit.threshold,
             # [sample index, reference index, ratio], closest first: memorisation.png's pairs

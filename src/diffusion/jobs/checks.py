@@ -48,8 +48,9 @@ def check_sample_settings(cfg: DictConfig) -> None:
     class_label_list(cfg.class_labels)
 
 
-def check_evaluate_settings(cfg: DictConfig, metrics) -> None:
-    """evaluate.yaml's settings: sample.yaml's (metric=fid may sample) and its own."""
+def check_evaluate_settings(cfg: DictConfig, metrics, extractors) -> None:
+    """evaluate.yaml's settings: sample.yaml's (metric=fid may sample) and its own; ``metrics``
+    and ``extractors`` are the valid ``metric=`` and ``feature_extractor=`` values."""
     require_choice("metric", cfg.metric, metrics)
     check_sample_settings(cfg)
     require_choice("split", cfg.split, SPLITS)
@@ -57,9 +58,11 @@ def check_evaluate_settings(cfg: DictConfig, metrics) -> None:
         require_int("max_batches", cfg.max_batches, 1)
     if cfg.respacing is not None:
         normalize_section_counts(cfg.respacing, "respacing")
-    for key in ("samples", "inception_weights"):
+    for key in ("samples", "inception_weights", "dinov2_weights"):
         if cfg[key] is not None and not (isinstance(cfg[key], str) and cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} must be a file path or null")
+    require_choice("feature_extractor", cfg.feature_extractor, extractors)
+    check_num_seeds(cfg)
     check_neighbour_settings(cfg)
     if cfg.metric == "ode_nll":
         check_ode_settings(cfg)
@@ -90,6 +93,19 @@ def check_ode_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"ode_sigma_max={cap!r} must be null (the process's σ_(T-1)) or a noise level > 0")
 
 
+def check_num_seeds(cfg: DictConfig) -> None:
+    """``num_seeds``: how many sample sets metric=fid draws (seeds seed, seed + 1, ...)."""
+    require_int("num_seeds", cfg.num_seeds, 1)
+    if cfg.num_seeds == 1:
+        return
+    if cfg.metric != "fid":
+        raise ConfigError(f"num_seeds={cfg.num_seeds} repeats metric=fid's sampling; metric={cfg.metric} "
+                          "draws no samples: leave num_seeds=1")
+    if cfg.samples is not None:
+        raise ConfigError(f"num_seeds={cfg.num_seeds} draws one sample set per seed, but samples={cfg.samples} "
+                          "is a single given set: pass samples=null to draw them, or num_seeds=1")
+
+
 def check_neighbour_settings(cfg: DictConfig) -> None:
     """metric=fid's precision/recall, KID and memorisation settings."""
     for key, minimum in (("nearest_k", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("memorisation_pairs", 0)):
@@ -103,11 +119,15 @@ def check_neighbour_settings(cfg: DictConfig) -> None:
                           f"{cfg.nearest_k + 1} or more, or a smaller nearest_k")
 
 
-def check_reference_size(num_samples: int, num_reference: int, nearest_k: int, reference: str) -> None:
-    """The reference set is as large as the sample set and both exceed precision/recall's k."""
+def check_reference_size(num_samples: int, num_reference: int, nearest_k: int, reference: str,
+                         samples: str | None = None) -> None:
+    """The reference set is as large as the sample set (the ``samples`` npz when given) and
+    both exceed precision/recall's k."""
     if num_reference < num_samples:
+        fix = (f"pass an npz of at most {num_reference} samples" if samples
+               else f"set num_samples={num_reference} or less")
         raise ConfigError(f"the reference set ({reference}) has {num_reference} images, fewer than the "
-                          f"{num_samples} samples: set num_samples={num_reference} or less")
+                          f"{num_samples} samples{f' in samples={samples}' if samples else ''}: {fix}")
     if nearest_k >= num_samples:
         raise ConfigError(f"nearest_k={nearest_k} needs more than {num_samples} samples: set nearest_k="
                           f"{num_samples - 1} or less, or pass more samples")

@@ -1,6 +1,7 @@
 """Images given to a job on the command line (edit.py ``input=``, sample.py ``low_res=``):
 an image folder or an npz as sample.py writes it (uint8 NHWC ``arr_0``), checked against the
-size the checkpoint takes, with one-line errors that name the setting."""
+size the checkpoint takes, with one-line errors that name the setting; or the first images of
+a split of the checkpoint's run dataset, with what its loader gives beside them (`read_split`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
+from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.data.datasets import list_images
 from diffusion.utils.errors import ConfigError
 
@@ -58,3 +61,23 @@ def read_uint8_images(key: str, source: str, expected: tuple[int, int, int], cou
 def to_model_range(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [−1, 1]."""
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def read_split(cfg: DictConfig, loaded: LoadedCheckpoint, split: str, count: int) -> tuple[torch.Tensor, dict]:
+    """The first ``count`` images of ``split`` of the run's dataset (without augmentation,
+    `diffusion.jobs.evaluate.data_for`) as (N, C, H, W) floats in [−1, 1], and the model
+    kwargs its loader gives beside them: ``y`` (N,), the labels, and for a super-resolution
+    dataset also ``low_res`` (N, C, s, s), area-downsampled exactly as in training
+    (`diffusion.data.superres`)."""
+    # Imported here: jobs.evaluate imports jobs.sample, which imports this module.
+    from diffusion.jobs.evaluate import data_for, split_loader
+
+    images, extras, total = [], [], 0
+    for batch, extra in split_loader(data_for(cfg, loaded), split):
+        images.append(batch)
+        extras.append(dict(extra) if isinstance(extra, dict) else {"y": extra})  # (B,) labels or a dict
+        total += len(batch)
+        if total >= count:
+            break
+    kwargs = {key: torch.cat([extra[key] for extra in extras])[:count] for key in extras[0]}
+    return torch.cat(images)[:count], kwargs

@@ -8,7 +8,9 @@ The final ``samples_NxHxWxC.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels for
 class-conditional models: the format of guided-diffusion's evaluation suite) and the grid
 are written atomically. Classifier-free guidance is the sampler's ``guidance_scale``; the
 job passes the UNet's null label beside the labels (``model_kwargs["null_label"]``, see
-`diffusion.sampling.guidance`), and ``arr_1`` holds the labels guided towards.
+`diffusion.sampling.guidance`), and ``arr_1`` holds the labels guided towards. A
+super-resolution checkpoint takes its low-resolution images from ``low_res`` (an npz, a
+folder, or ``split:NAME`` of the run's dataset; `diffusion.jobs.superres`).
 """
 
 from __future__ import annotations
@@ -72,19 +74,29 @@ def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int,
                  device: torch.device, low_res: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     generator = batch_generator(cfg.seed, index, device)
     labels = batch_labels(cfg, loaded, index, size, generator)
-    model_kwargs = {} if labels is None else {"y": labels, NULL_LABEL_KEY: null_label(loaded)}
     if low_res is not None:  # a super-resolution model (diffusion.jobs.superres)
-        model_kwargs["low_res"] = batch_low_res(low_res, index * cfg.batch_size, size, device)
-    model = autocast_network(loaded.model, device, cfg.precision)
-    with torch.inference_mode():
-        images = sampler(
-            loaded.diffusion, model, shape=(size, *loaded.image_shape), model_kwargs=model_kwargs,
-            clip_denoised=cfg.clip_denoised, generator=generator,
-        )
+        low_res = batch_low_res(low_res, index * cfg.batch_size, size, device)
+    images = draw_batch(cfg, loaded, sampler, generator, size, device, labels, low_res)
     out = {"arr_0": to_uint8_nhwc(images)}
     if labels is not None:
         out["arr_1"] = labels.cpu().numpy().astype(np.int64)
     return out
+
+
+def draw_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, generator: torch.Generator, size: int,
+               device: torch.device, labels: torch.Tensor | None, low_res: torch.Tensor | None) -> torch.Tensor:
+    """``size`` samples as [-1, 1] floats on ``device``, drawn from ``generator``, given the
+    class ``labels`` (with the null label beside them, for guidance) and a super-resolution
+    model's ``low_res`` as model kwargs. edit.py ``task=superres`` samples through here too."""
+    model_kwargs = {} if labels is None else {"y": labels, NULL_LABEL_KEY: null_label(loaded)}
+    if low_res is not None:
+        model_kwargs["low_res"] = low_res
+    model = autocast_network(loaded.model, device, cfg.precision)
+    with torch.inference_mode():
+        return sampler(
+            loaded.diffusion, model, shape=(size, *loaded.image_shape), model_kwargs=model_kwargs,
+            clip_denoised=cfg.clip_denoised, generator=generator,
+        )
 
 
 def null_label(loaded: LoadedCheckpoint) -> int | None:
@@ -109,7 +121,7 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     if sampler is None:
         sampler = hydra.utils.instantiate(cfg.sampler)
     loaded.model.to(device)
-    low_res = read_low_res(cfg.get("low_res"), loaded)
+    low_res = read_low_res(cfg, loaded)
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
             continue
@@ -180,7 +192,7 @@ def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[Lo
         sampler = build_sampler(cfg.sampler)
     check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
     check_class_labels(cfg.class_labels, loaded.num_classes)
-    read_low_res(cfg.get("low_res"), loaded)  # a missing or wrong-sized input fails before anything is written
+    read_low_res(cfg, loaded)  # a missing or wrong-sized input fails before anything is written
     return loaded, sampler, devices
 
 

@@ -1,15 +1,28 @@
-"""The low-resolution inputs of a super-resolution checkpoint (`diffusion.nets.superres`):
-``sample.py ckpt=... low_res=PATH`` reads an npz in sample.py's format (uint8 NHWC
-``arr_0``) or a folder of images, all at the checkpoint's ``low_res_size``; batch i takes the
-next images in order, cycled when there are fewer than ``num_samples``."""
+"""The low-resolution inputs of a super-resolution checkpoint (`diffusion.nets.superres`).
+
+``sample.py ckpt=... low_res=SOURCE`` takes them from an npz in sample.py's format (uint8
+NHWC ``arr_0``) or a folder of images, all at the checkpoint's ``low_res_size``, or, with
+``low_res=split:test`` (``train``, ``val``), from that split of the checkpoint's run dataset,
+downsampled by the same `SuperResData` pairs as in training (area averaging, not re-quantised
+to 8 bits). One key holds the one source, so the shard key (`diffusion.jobs.shards`) names
+it and no two settings can disagree. Sample i is conditioned on low-resolution image i,
+cycled when there are fewer than ``num_samples``; evaluate.py ``metric=fid`` uses
+``split:<split>`` unless ``low_res`` is given, and ``metric=nll`` the pairs of its split.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from omegaconf import DictConfig, open_dict
 
 from diffusion.checkpoint import LoadedCheckpoint
-from diffusion.jobs.inputs import read_uint8_images, to_model_range
+from diffusion.jobs.checks import SPLITS
+from diffusion.jobs.inputs import read_split, read_uint8_images, shape_error, to_model_range
 from diffusion.utils.errors import ConfigError
+
+SPLIT_PREFIX = "split:"
 
 
 def low_res_size(loaded: LoadedCheckpoint) -> int | None:
@@ -17,23 +30,93 @@ def low_res_size(loaded: LoadedCheckpoint) -> int | None:
     return getattr(loaded.model, "low_res_size", None)
 
 
-def read_low_res(path: str | None, loaded: LoadedCheckpoint) -> torch.Tensor | None:
-    """(N, C, s, s) floats in [-1, 1] for a super-resolution checkpoint, None otherwise;
-    a one-line ConfigError for a missing input, a wrong size, or low_res on another model."""
-    size = low_res_size(loaded)
-    if size is None:
-        if path is not None:
-            raise ConfigError(f"low_res={path}: the checkpoint is not a super-resolution model; leave low_res out")
+def low_res_split(source) -> str | None:
+    """The split named by ``split:NAME``, None for a path; a ConfigError for an unknown split."""
+    if not str(source).startswith(SPLIT_PREFIX):
         return None
-    channels = loaded.image_shape[0]
-    expected = (size, size, channels)
-    if path is None:
+    split = str(source)[len(SPLIT_PREFIX):]
+    if split not in SPLITS:
+        raise ConfigError(f"low_res={source}: {split!r} is not a split; pass low_res=split:test (or split:train, "
+                          "split:val), an npz or an image folder")
+    return split
+
+
+def read_low_res(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor | None:
+    """``cfg.low_res`` as (N, C, s, s) floats in [-1, 1] for a super-resolution checkpoint
+    (a split: its first ``num_samples`` images), None otherwise; a one-line ConfigError for
+    a missing input, a wrong size, or low_res on another model."""
+    source, size = cfg.get("low_res"), low_res_size(loaded)
+    if size is None:
+        if source is not None:
+            raise ConfigError(f"low_res={source}: the checkpoint is not a super-resolution model; leave low_res out")
+        return None
+    if source is None:
+        channels = loaded.image_shape[0]
         raise ConfigError(f"the checkpoint is a super-resolution model: pass low_res=NPZ_OR_FOLDER of "
-                          f"{size}x{size}x{channels} images (HxWxC)")
-    return to_model_range(read_uint8_images("low_res", path, expected))
+                          f"{size}x{size}x{channels} images (HxWxC), or low_res=split:test")
+    split = low_res_split(source)
+    if split is None:
+        return read_low_res_images("low_res", source, loaded)
+    return split_low_res("low_res", cfg, loaded, split, cfg.num_samples)[1]
+
+
+def read_low_res_images(key: str, source: str, loaded: LoadedCheckpoint, count: int | None = None) -> torch.Tensor:
+    """The folder or npz ``source`` (setting ``key``) of low-resolution images as (N, C, s, s)
+    floats in [-1, 1]."""
+    size, channels = low_res_size(loaded), loaded.image_shape[0]
+    return to_model_range(read_uint8_images(key, source, (size, size, channels), count))
+
+
+def split_low_res(key: str, cfg: DictConfig, loaded: LoadedCheckpoint, split: str,
+                  count: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The first ``count`` (high-resolution image, low-resolution image) pairs of ``split``
+    and the other model kwargs of the loader (the labels ``y``), checked against the model."""
+    images, kwargs = read_split(cfg, loaded, split, count)
+    if "low_res" not in kwargs:
+        raise ConfigError(f"{key}: the checkpoint's dataset gives no low-resolution images (not SuperResData); "
+                          "pass an npz or an image folder at the low resolution")
+    low_res = kwargs.pop("low_res")
+    size, channels = low_res_size(loaded), loaded.image_shape[0]
+    if tuple(low_res.shape[1:]) != (channels, size, size):
+        found = (*low_res.shape[2:], low_res.shape[1])  # (C, s, s) -> sxsxC, as the message reads
+        raise shape_error(key, f"split:{split}", found, (size, size, channels))
+    return images, low_res, kwargs
 
 
 def batch_low_res(low_res: torch.Tensor, start: int, size: int, device: torch.device) -> torch.Tensor:
     """The low-resolution images of the batch whose first sample is number ``start``."""
     index = torch.arange(start, start + size) % len(low_res)
     return low_res[index].to(device)
+
+
+def condition_on_split(cfg: DictConfig, loaded: LoadedCheckpoint) -> None:
+    """evaluate.py ``metric=fid`` on a super-resolution checkpoint without ``low_res``: sample i
+    on the low-resolution version of image i of ``split`` (cycled)."""
+    if low_res_size(loaded) is not None and cfg.get("low_res") is None:
+        with open_dict(cfg):
+            cfg.low_res = f"{SPLIT_PREFIX}{cfg.split}"
+
+
+def wrapped_data(data_cfg):
+    """The config of the dataset a `SuperResData` config wraps (whose images the model makes),
+    else ``data_cfg`` itself."""
+    if str(data_cfg.get("_target_", "")).endswith("SuperResData") and data_cfg.get("data"):
+        return data_cfg["data"]
+    return data_cfg
+
+
+def loader_model_kwargs(loaded: LoadedCheckpoint, device: torch.device) -> Callable[[object], dict] | None:
+    """A split loader's labels -> the model kwargs (evaluate's ``model_kwargs_fn``), on
+    ``device``: ``y`` for a class-conditional model, and a super-resolution dataset's
+    ``low_res`` (its batches carry a dict in place of the labels); None when neither applies."""
+    conditional = loaded.num_classes is not None
+    if not conditional and low_res_size(loaded) is None:
+        return None
+
+    def model_kwargs(extra) -> dict:
+        extra = dict(extra) if isinstance(extra, dict) else {"y": extra}
+        if not conditional:
+            extra.pop("y", None)
+        return {key: value.to(device) for key, value in extra.items()}
+
+    return model_kwargs

@@ -6,7 +6,8 @@ Hydra runs one evaluate job per value, each writing ``<sweep dir>/<job>/<metric>
 When the sweep ends, `SweepSummary` (a Hydra callback that evaluate.yaml installs) reads those
 files, prints the jobs best first with their overrides, and writes ``<sweep dir>/summary.json``.
 A job's score is the first of its metric's `SCORES` entries in its results (lower is better):
-``bpd`` for ``metric=nll``, ``fid`` or, on the digits, ``fid_digits`` for ``metric=fid``.
+``bpd`` for ``metric=nll``, ``fid`` or, on the digits, ``fid_digits`` (``fd_dinov2`` with
+``feature_extractor=dinov2``) for ``metric=fid``; with ``num_seeds`` > 1, its mean over the seeds.
 Any sweep of evaluate.py is summarised this way (EMA widths, weights, sampler steps, ...).
 """
 

@@ -17,6 +17,15 @@
 
 ``diffusion`` is always the BASE process of the checkpoint; the DDIM sampler respaces it
 (`Sampler.respaced`), so these functions visit exactly the steps that sampling visits.
+
+Class-conditional models take their labels as ``model_kwargs["y"]``, and the sampler's
+``guidance_scale`` applies here as in sampling (`diffusion.sampling.guidance`, with the null
+label in ``model_kwargs``): inversion then runs the guided ε̃ upwards and decoding runs it
+back down. Inversion reads ε̂ at the point it leaves, where decoding reads it at the point it
+arrives at; guidance multiplies the conditional-minus-unconditional part of ε̂ by w, and with
+it that mismatch, so the reconstruction error grows with w (Mokady et al. 2022, arXiv
+2211.09794, sec. 3). w = 1 (or null) inverts the conditional model itself, with the error of
+unconditional inversion.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 from diffusion.process._tensor import extract_into_tensor
 from diffusion.process.respace import respace
 from diffusion.sampling.ddim import DDIMSampler
+from diffusion.sampling.guidance import apply_guidance
 
 
 def _check_ddim(sampler, *, deterministic: bool) -> None:
@@ -35,8 +45,6 @@ def _check_ddim(sampler, *, deterministic: bool) -> None:
         raise ValueError(f"editing needs a DDIM sampler (sampler=ddim50, ddim20, ...), got {type(sampler).__name__}")
     if deterministic and sampler.eta != 0:
         raise ValueError(f"DDIM inversion is the deterministic map: sampler.eta={sampler.eta} must be 0")
-    if sampler.guidance_scale not in (None, 1):
-        raise ValueError(f"editing runs the model unguided: sampler.guidance_scale={sampler.guidance_scale} must be null")
 
 
 def _steps(indices, progress: bool | Callable):
@@ -57,6 +65,7 @@ def ddim_invert(diffusion, model, x_start: torch.Tensor, sampler: DDIMSampler, *
     same ``sampler`` returns ``x_start`` up to the discretisation error of its step count."""
     _check_ddim(sampler, deterministic=True)
     process = sampler.respaced(diffusion)  # respaced index i is the original step τ_i
+    model, model_kwargs = apply_guidance(model, model_kwargs, sampler.guidance_scale)
     x = x_start
     with torch.no_grad():
         x = _first_step(process, model, x, clip_denoised, model_kwargs)
@@ -136,5 +145,6 @@ def sdedit(diffusion, model, x_start: torch.Tensor, strength: float, sampler: DD
     t_top = torch.full((x_start.shape[0],), kept[-1], dtype=torch.long, device=x_start.device)
     x_t = diffusion.q_sample(x_start, t_top, noise=noise)
     process = respace(diffusion, kept)  # the same DDIM steps as the sampler's, cut at t_0
+    model, call["model_kwargs"] = apply_guidance(model, model_kwargs, sampler.guidance_scale)
     return process.ddim_sample_loop(model, tuple(x_t.shape), noise=x_t, eta=sampler.eta,
                                     device=x_t.device, generator=generator, **call)
