@@ -70,7 +70,7 @@ def test_nll_results_name_their_protocol_too(compose_cfg, tiny_ckpt, tmp_path):
                                       "progress=false", "seed=3"], output_dir=tmp_path / "eval"))
     written = json.loads((tmp_path / "eval" / "nll.json").read_text())
     assert {key: written[key] for key in ("metric", "split", "seed", "ckpt", "weights", "ema_std")} == {
-        "metric": "nll", "split": "test", "seed": 3, "ckpt": tiny_ckpt, "weights": "ema_0.995", "ema_std": None}
+        "metric": "nll", "split": "test", "seed": 3, "ckpt": tiny_ckpt, "weights": "ema_0.99", "ema_std": None}
 
 
 def write_npz(path, images):

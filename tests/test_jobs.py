@@ -35,7 +35,7 @@ def test_sample_writes_npz_and_grid(compose_cfg, tiny_ckpt, tmp_path):
     assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (6, 8, 8, 1)
     assert "arr_1" not in arrays.files  # unconditional model
     assert Image.open(out["grid"]).size[0] > 8
-    assert out["weights"] == "ema_0.995"
+    assert out["weights"] == "ema_0.99"
     leftovers = [n for n in os.listdir(tmp_path / "samples") if n.endswith(".tmp") or n.endswith("_shards")]
     assert leftovers == []
 
