@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 
 BIN = Path(sys.executable).parent  # the console scripts sit next to the interpreter
-QUICKSTART = ["experiment_name: digits_quickstart", "model_var_type: learned_range", "max_steps: 1400"]
+QUICKSTART = ["experiment_name: digits_quickstart", "model_var_type: learned_range", "max_steps: 1200"]
 COMMANDS = {
     # --resolve, so that experiment_name shows the preset that was found.
     "train": (["--cfg", "job", "--resolve"], QUICKSTART),

@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from diffusion.checkpoint import LoadedCheckpoint
-from diffusion.data.datasets import list_images
 from diffusion.utils.errors import ConfigError
 
 
@@ -31,6 +30,10 @@ def read_uint8_images(key: str, source: str, expected: tuple[int, int, int], cou
     (N, H, W, C), each of shape ``expected`` = (H, W, C)."""
     path = os.path.expanduser(str(source))
     if os.path.isdir(path):
+        # Imported here: the datasets import torchvision (about 1 s with torch._dynamo), which
+        # sample.py would otherwise pay at every start for an input it rarely has.
+        from diffusion.data.datasets import list_images
+
         paths = list_images(path)[:count]
         if not paths:
             raise ConfigError(f"{key}={source} holds no images (.png, .jpg, ...); {missing_hint}")
