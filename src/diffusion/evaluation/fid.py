@@ -150,10 +150,15 @@ def file_sha256(path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def existing_file(path) -> Path | None:
+    """``path`` (``~`` expanded) when it names a file, else None (also for None)."""
+    return Path(path).expanduser() if path is not None and Path(path).expanduser().is_file() else None
+
+
 def check_inception_weights(path) -> Path:
     """The weights file, or a FileNotFoundError that says where to get it."""
-    if path is not None and Path(path).expanduser().is_file():
-        return Path(path).expanduser()
+    if found := existing_file(path):
+        return found
     where = "no inception_weights path was given" if path is None else f"{path} does not exist"
     raise FileNotFoundError(
         f"Inception weights not found ({where}). FID/IS use torch-fidelity's InceptionV3 "
@@ -276,8 +281,8 @@ class DigitsFeatureExtractor(FeatureExtractor):
 
 def check_dinov2_weights(path) -> Path:
     """The DINOv2 checkpoint file, or a ConfigError that says where to get it."""
-    if path is not None and Path(path).expanduser().is_file():
-        return Path(path).expanduser()
+    if found := existing_file(path):
+        return found
     where = " is not set" if path is None else f"={path} does not exist"
     raise ConfigError(
         f"dinov2_weights{where}: feature_extractor=dinov2 reads an official DINOv2 checkpoint, never "
