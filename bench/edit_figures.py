@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffusion.data.digits import digits_images
+from diffusion.utils.images import save_image_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,17 +56,11 @@ def enlarged(png: str, out: str, scale: int) -> None:
         image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(out)
 
 
-def rows_png(rows: list[np.ndarray], out: str, scale: int, pad: int = 2) -> None:
-    """uint8 (N, H, W, 1) rows of grey images, as one picture with ``pad`` black pixels between."""
-    height, width = rows[0].shape[1:3]
-    columns = max(len(row) for row in rows)
-    canvas = np.zeros((len(rows) * (height + pad) + pad, columns * (width + pad) + pad), np.uint8)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            top, left = pad + i * (height + pad), pad + j * (width + pad)
-            canvas[top:top + height, left:left + width] = image[..., 0]
-    picture = Image.fromarray(canvas)
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(out)
+def rows_png(rows: list[np.ndarray], out: str, scale: int) -> None:
+    """uint8 (N, H, W, 1) rows of as many images each, as one grid (the project's grid helper), enlarged."""
+    images = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_image_grid(images, out, nrow=len(rows[0]))
+    enlarged(out, out, scale)
 
 
 def rough_paintings(images: torch.Tensor) -> torch.Tensor:
