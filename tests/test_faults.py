@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from diffusion.jobs.errors import exit_on_user_error
+from diffusion.training import checkpoint_io
 from diffusion.training.checkpoint_io import AtomicCheckpointIO, NonFiniteModelError
 from diffusion.training.run import train
 from diffusion.utils import atomic
@@ -87,6 +88,43 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(uninterrupted, tmp_path
     resumed = start(out, "ckpt_path=last")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     assert losses(out) == uninterrupted, f"killed after step {killed_at}"
+
+
+def test_every_checkpoint_reaches_disk_after_the_rows_of_its_steps(compose_cfg, tmp_path, monkeypatch):
+    """Lightning saves a step's checkpoint before logging that step; a kill in between once lost
+    a row for good (the resumed run starts after it). Each write must find the rows of all the
+    steps it covers in metrics.csv (the deterministic form of the SIGKILL test above)."""
+    out = tmp_path / "run"
+    seen = []
+    real_save = checkpoint_io.save_checkpoint
+
+    def save_and_look(checkpoint, path):
+        steps = set(losses(out)) if (out / "csv" / "metrics.csv").exists() else set()
+        seen.append((checkpoint["global_step"], steps))
+        real_save(checkpoint, path)
+
+    monkeypatch.setattr(checkpoint_io, "save_checkpoint", save_and_look)
+    overrides = [o for o in RUN if not o.startswith(("+trainer.enable_progress_bar", "trainer.max_steps"))]
+    train(compose_cfg("train", [*overrides, "trainer.max_steps=8"], output_dir=out))
+    assert [step for step, _ in seen] == [4, 4, 8, 8]  # step{step}.ckpt and last.ckpt, every 4 steps
+    for step, logged in seen:
+        assert set(range(step)) <= logged, f"checkpoint of step {step} written before rows {set(range(step)) - logged}"
+
+
+def test_a_held_checkpoint_is_a_copy_written_in_order_on_release(tmp_path):
+    io = AtomicCheckpointIO()
+    weights = torch.ones(3)
+    (tmp_path / "old.ckpt").write_bytes(b"old")
+    io.hold()
+    io.save_checkpoint({"state_dict": {"w": weights}, "global_step": 4}, tmp_path / "new.ckpt")
+    io.remove_checkpoint(tmp_path / "old.ckpt")
+    weights.mul_(0)  # the EMA swap for validation, or the next optimizer step
+    assert sorted(os.listdir(tmp_path)) == ["old.ckpt"]  # nothing written or removed yet
+    io.release()
+    assert sorted(os.listdir(tmp_path)) == ["new.ckpt"]
+    assert torch.equal(torch.load(tmp_path / "new.ckpt")["state_dict"]["w"], torch.ones(3))
+    io.save_checkpoint({"state_dict": {"w": weights}, "global_step": 5}, tmp_path / "now.ckpt")
+    assert (tmp_path / "now.ckpt").is_file()  # released: written at once
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

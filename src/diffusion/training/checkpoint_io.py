@@ -4,15 +4,28 @@ The checkpoint is written by `diffusion.checkpoint.save_checkpoint` (a temporary
 the target, flushed, fsynced and renamed over it): a crash or a full disk during the write
 leaves the previous file intact. A model whose weights are no longer finite is refused before
 anything is written, so a NaN never replaces the last good checkpoint.
+
+Lightning saves a step's checkpoint in ``on_train_batch_end``, before that step's metrics reach
+the loggers. A process killed between the two would resume after a step whose row is never
+written. `CheckpointAfterLogs` therefore has the checkpoints asked for in ``on_train_batch_end``
+held (a CPU copy, so that later in-place changes such as the EMA swap for validation do not
+reach it) and written once the step is logged: at the next batch's start, the start of
+validation, the end of training, an exception, or teardown, whichever comes first. A kill in
+between loses only the held checkpoint; the resumed run starts from the previous one and
+computes (and logs) the steps after it again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from diffusion.checkpoint import save_checkpoint
 
@@ -28,7 +41,33 @@ def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` with atomic, finiteness-checked writes (see module doc)."""
+    """`TorchCheckpointIO` with atomic, finiteness-checked writes, which can be held until the
+    step they follow is logged (`hold`, `release`; see module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[Callable[[], None]] | None = None  # None: write at once
+
+    def hold(self) -> None:
+        """Queue the saves and removals that follow, in order, until `release`."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Carry out the queued saves and removals, in order, and stop holding."""
+        held, self._held = self._held or [], None
+        for operation in held:
+            operation()
+
+    def teardown(self) -> None:
+        self.release()
+        super().teardown()
+
+    def remove_checkpoint(self, path) -> None:
+        if self._held is not None:
+            self._held.append(partial(super().remove_checkpoint, path))
+        else:
+            super().remove_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = str(path)
@@ -39,4 +78,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"refusing to write checkpoint {path} at step {checkpoint.get('global_step')}: "
                 f"{len(bad)} weight tensor(s) are not finite ({', '.join(bad[:3])}); {previous}"
             )
-        save_checkpoint(checkpoint, path)
+        if self._held is not None:
+            copy = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+            self._held.append(partial(save_checkpoint, copy, path))
+        else:
+            save_checkpoint(checkpoint, path)
+
+
+class CheckpointAfterLogs(L.Callback):
+    """Holds the checkpoints Lightning saves in ``on_train_batch_end`` until the step's metrics
+    are logged (see module doc). Needs `AtomicCheckpointIO` as the trainer's checkpoint IO
+    (configs/trainer/default.yaml); does nothing with another."""
+
+    @staticmethod
+    def _io(trainer: L.Trainer) -> AtomicCheckpointIO | None:
+        io = trainer.strategy.checkpoint_io
+        return io if isinstance(io, AtomicCheckpointIO) else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Runs before ModelCheckpoint's: Lightning moves checkpoint callbacks last.
+        if io := self._io(trainer):
+            io.hold()
+
+    def _release(self, trainer: L.Trainer, *args: Any) -> None:
+        if io := self._io(trainer):
+            io.release()
+
+    on_train_batch_start = on_validation_start = on_train_epoch_end = on_train_end = on_exception = _release
