@@ -17,14 +17,17 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	touch $(STAMP)
 
 # Tests use tiny tensors, where intra-op threads only add overhead, and some start
-# several processes (DDP, kill-and-resume): one thread each keeps 2 cores busy, not thrashing.
+# several processes (DDP, kill-and-resume): one thread each keeps the cores busy, not thrashing.
+# pytest-xdist runs one single-threaded worker per core; each test file stays on one worker
+# (--dist loadfile), so a module's fixtures (a trained run, a checkpoint) are built once.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+XDIST := -n auto --dist loadfile
 
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -m "not gpu"
+	$(TEST_ENV) $(PY) -m pytest -m "not gpu" $(XDIST)
 
 test-fast: setup
-	$(TEST_ENV) $(PY) -m pytest -m "not gpu and not slow"
+	$(TEST_ENV) $(PY) -m pytest -m "not gpu and not slow" $(XDIST)
 
 lint: setup
 	$(PY) -m ruff check src tests bench train.py sample.py evaluate.py
