@@ -127,6 +127,22 @@ def test_a_held_checkpoint_is_a_copy_written_in_order_on_release(tmp_path):
     assert (tmp_path / "now.ckpt").is_file()  # released: written at once
 
 
+def test_held_checkpoints_share_the_copy_of_a_tensor_and_only_of_the_same_tensor(tmp_path):
+    io, weights = AtomicCheckpointIO(), torch.ones(1000)
+    io.hold()
+    steps = range(50)
+    for step in steps:  # a fresh tensor per save, freed after it: its address comes back
+        io.save_checkpoint({"state_dict": {"w": weights}, "step_tensor": torch.full((3,), float(step))},
+                           tmp_path / f"{step}.ckpt")
+    assert len(io._copies) == 1 + len(steps)  # the weights once, each fresh tensor on its own
+    io.release()
+    for step in steps:
+        checkpoint = torch.load(tmp_path / f"{step}.ckpt")
+        assert torch.equal(checkpoint["step_tensor"], torch.full((3,), float(step)))
+        assert torch.equal(checkpoint["state_dict"]["w"], torch.ones(1000))
+    assert io._copies == {}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_run_saves_exits_nonzero_and_prints_the_command_that_resumes_it(uninterrupted, tmp_path, signum):
     """SIGTERM (pre-emption) and Ctrl-C save last.ckpt at the end of the step in progress,

@@ -47,6 +47,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self) -> None:
         super().__init__()
         self._held: list[Callable[[], None]] | None = None  # None: write at once
+        # The CPU copy of each tensor held, by identity: ModelCheckpoint dumps the same weights
+        # twice a step (stepN.ckpt and last.ckpt), which then take host memory once. The source
+        # is kept with its copy so that its address cannot be reused by another tensor meanwhile.
+        self._copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hold(self) -> None:
         """Queue the saves and removals that follow, in order, until `release`."""
@@ -55,13 +59,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def release(self) -> None:
         """Carry out the queued saves and removals, in order, and stop holding."""
-        held, self._held = self._held or [], None
+        held, self._held, self._copies = self._held or [], None, {}
         for operation in held:
             operation()
 
     def teardown(self) -> None:
         self.release()
         super().teardown()
+
+    def _cpu_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in self._copies:
+            self._copies[key] = (tensor, tensor.detach().to("cpu", copy=True))
+        return self._copies[key][1]
 
     def remove_checkpoint(self, path) -> None:
         if self._held is not None:
@@ -79,7 +89,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{len(bad)} weight tensor(s) are not finite ({', '.join(bad[:3])}); {previous}"
             )
         if self._held is not None:
-            copy = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+            copy = apply_to_collection(checkpoint, torch.Tensor, self._cpu_copy)
             self._held.append(partial(save_checkpoint, copy, path))
         else:
             save_checkpoint(checkpoint, path)
