@@ -10,7 +10,8 @@ the loggers. A process killed between the two would resume after a step whose ro
 written. `CheckpointAfterLogs` therefore has the checkpoints asked for in ``on_train_batch_end``
 held (a CPU copy, so that later in-place changes such as the EMA swap for validation do not
 reach it) and written once the step is logged: at the next batch's start, the start of
-validation, the end of training, an exception, or teardown, whichever comes first. A kill in
+validation, or the checkpoint IO's teardown (the end of fit, also after an exception), whichever
+comes first. A kill in
 between loses only the held checkpoint; the resumed run starts from the previous one and
 computes (and logs) the steps after it again.
 """
@@ -114,4 +115,5 @@ class CheckpointAfterLogs(L.Callback):
         if io := self._io(trainer):
             io.release()
 
-    on_train_batch_start = on_validation_start = on_train_epoch_end = on_train_end = on_exception = _release
+    # The end of fit and exceptions need no hook: Lightning's teardown releases (`AtomicCheckpointIO.teardown`).
+    on_train_batch_start = on_validation_start = _release
