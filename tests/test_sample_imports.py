@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_sample_py_imports_no_lightning_metrics_or_plotting(tiny_ckpt, tmp_path):

@@ -152,7 +152,8 @@ def file_sha256(path) -> str:
 
 def existing_file(path) -> Path | None:
     """``path`` (``~`` expanded) when it names a file, else None (also for None)."""
-    return Path(path).expanduser() if path is not None and Path(path).expanduser().is_file() else None
+    found = None if path is None else Path(path).expanduser()
+    return found if found is not None and found.is_file() else None
 
 
 def check_inception_weights(path) -> Path:
