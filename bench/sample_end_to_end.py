@@ -152,18 +152,18 @@ class BareLoop:
     """The sampler over ``num_samples`` images in batches, the checkpoint loaded once."""
 
     def __init__(self, args: argparse.Namespace):
-        import hydra
         import torch
         from omegaconf import OmegaConf
 
         from diffusion.checkpoint import load_checkpoint
+        from diffusion.jobs.checks import build_sampler
         from diffusion.jobs.common import autocast_network, resolve_devices
 
         self.torch, self.args = torch, args
         self.device = torch.device(resolve_devices(args.device)[0])
         self.loaded = load_checkpoint(args.ckpt, weights="ema")
         self.loaded.model.to(self.device)
-        self.sampler = hydra.utils.instantiate(OmegaConf.load(REPO / "configs" / "sampler" / f"{args.sampler}.yaml"))
+        self.sampler = build_sampler(OmegaConf.load(REPO / "configs" / "sampler" / f"{args.sampler}.yaml"))
         self.model = autocast_network(self.loaded.model, self.device, "32")
 
     def run(self, num_samples: int) -> Timing:

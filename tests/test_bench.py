@@ -124,3 +124,24 @@ def test_step_profile_reports_each_variant_and_the_profile(monkeypatch, capsys):
     assert "nchw:" in out and "images/s" in out.split("nchw:")[1].splitlines()[0]
     assert "bad: failed: ConfigCompositionException" in out  # reported; the other runs went on
     assert "profiled 1 steps" in out and "Self CPU time total" in out
+
+
+def test_sample_end_to_end_times_both_and_breaks_sample_py_down(tiny_ckpt, monkeypatch, tmp_path, capsys):
+    """bench/sample_end_to_end.py on a tiny checkpoint: one pair, one stamped run, a row in the
+    results file; the stages of the stamped run add up to its wall time."""
+    import sample_end_to_end
+
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results.md")
+    monkeypatch.setattr("sys.argv", ["sample_end_to_end.py", "--ckpt", tiny_ckpt, "--sampler", "ddim10",
+                                     "--num-samples", "4", "--batch", "2", "--repeats", "1", "--threads", "1"])
+    sample_end_to_end.main()
+    out = capsys.readouterr().out
+    assert "repeat 1: sample.py" in out and "breakdown of sample.py" in out
+    stages = [float(line.split()[-3]) for line in out.splitlines()
+              if any(line.strip().startswith(name) for name in sample_end_to_end.STAGES)]
+    total = float(out.split("stamped run(s) (")[1].split(" s)")[0])
+    assert len(stages) == len(sample_end_to_end.STAGES) and math.isclose(sum(stages), total, rel_tol=0.02, abs_tol=0.03)
+    row = (tmp_path / "results.md").read_text().splitlines()[-1]
+    assert "| ddim10 | 4 | 2 |" in row
