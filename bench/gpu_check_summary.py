@@ -88,10 +88,11 @@ def summarize(out: Path) -> tuple[str, dict]:
         if eager and compiled:
             speedup = compiled["train"]["images_per_s"] / eager["train"]["images_per_s"]
             lines += ["", f"torch.compile: x{speedup:.3f} the eager images/s."]
-        if eager and eager.get("sampling"):
-            s = eager["sampling"]
-            lines += ["", f"Sampling: {eager['sampler']} ({s['model_evaluations']} evaluations), batch "
-                          f"{s['batch']}, precision {s['precision']}: {s['images_per_s']:.4g} images/s."]
+        for label, report in (("eager", eager), ("torch.compile", compiled)):
+            if report and report.get("sampling"):
+                s = report["sampling"]
+                lines += ["", f"Sampling ({label}): {report['sampler']} ({s['model_evaluations']} evaluations), "
+                              f"batch {s['batch']}, precision {s['precision']}: {s['images_per_s']:.4g} images/s."]
     if (out / "results.md").exists():
         lines += ["", f"Rows for bench/results.md: {out / 'results.md'}"]
     ok = bool(rows) and all(r["status"] == "0" for r in rows)

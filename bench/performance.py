@@ -82,6 +82,7 @@ import torch
 
 import sample_throughput
 from ablations import VARIANTS, ablate
+from diffusion.utils.atomic import atomic_write
 from device_peak import Peak, compute_dtype, conv_peak, matmul_peak
 from loader_rate import loader_rate
 from performance_report import ablation_line, as_json, loader_line, record_rows, sampling_line, summary
@@ -184,9 +185,11 @@ def sampling_rate(cfg, device: torch.device, batch: int, sampler: str, max_secon
                                             str(device), precision, max_seconds)
 
 
-def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, peaks: dict) -> dict:
+def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, peaks: dict,
+                   progress=lambda report: None) -> dict:
     """Every figure of one preset (the report performance_report describes), printed as it
-    comes; ``peaks`` caches the device's peaks by dtype."""
+    comes; ``peaks`` caches the device's peaks by dtype. ``progress(report)`` gets the report
+    as far as it goes after each part, so that a run stopped later (a time limit) keeps it."""
     batch = args.batch or BATCH.get((device.type, preset), 128)
     sample_batch = args.sample_batch or SAMPLE_BATCH.get((device.type, preset), 256)
     base = [*run_overrides(args), f"data.batch_size={batch}"]
@@ -201,14 +204,17 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
                   "command": command_line(args, preset, batch, sample_batch), "repeats": args.repeats,
                   "sampler": args.sampler, "ablations": [], "sampling": None, "loader": None}
         print(summary(preset, device, run, report["conv"], report["matmul"], report["options"]), flush=True)
+        progress(report)
         if args.ablate:
             report["ablations"] = ablate(preset, base, args.ablate, device, warmup=args.warmup,
                                          steps=args.steps, repeats=args.repeats, out=out)
             print("\n".join(ablation_line(a) for a in report["ablations"]), flush=True)
+            progress(report)
         if "sampling" not in args.skip:
             rate, evals = sampling_rate(cfg, device, sample_batch, args.sampler, args.sample_max_seconds)
             report["sampling"] = (rate, evals, sample_batch, SAMPLE_PRECISION.get(dtype, "32"))
             print(sampling_line(report["sampling"], args.sampler), flush=True)
+            progress(report)
         if "data" not in args.skip:
             report["loader"] = loader_rate(cfg, args.warmup, args.loader_batches)
             print(loader_line(report["loader"], run), flush=True)
@@ -243,12 +249,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.nn.Module.compile = functools.partialmethod(torch.nn.Module.compile, backend=args.compile_backend)
     if args.results:
         common.RESULTS = Path(args.results)
+
+    def write_json(partial: dict | None = None) -> None:
+        # after each part of each preset: a later failure or time-out keeps what was measured
+        if args.json:
+            done = reports + ([partial] if partial is not None else [])
+            with atomic_write(args.json, "w") as handle:
+                handle.write(json.dumps([as_json(r) for r in done], indent=1) + "\n")
+
     for preset in args.presets:
-        reports.append(measure_preset(preset, args, device, peaks))
+        reports.append(measure_preset(preset, args, device, peaks, progress=write_json))
         if not args.no_record:
             record_rows(reports[-1])
-        if args.json:  # after each preset: a later failure keeps the figures measured so far
-            Path(args.json).write_text(json.dumps([as_json(r) for r in reports], indent=1) + "\n")
+        write_json()
     return reports
 
 

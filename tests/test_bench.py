@@ -7,6 +7,7 @@ to, and that the FLOP count behaves as a count of the network's work must.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -108,6 +109,22 @@ def test_peaks_from_an_earlier_json_are_reused_not_measured_again(performance, t
     assert again["conv"] == report["conv"] and again["matmul"] == report["matmul"]
 
 
+def test_json_keeps_the_training_figures_when_a_later_part_fails(performance, tmp_path, monkeypatch):
+    """bench/gpu_check.sh's compiled stage may run out of time while sampling: the figures
+    measured before that must already be in --json (written atomically after each part)."""
+    def sampling_dies(*args, **kwargs):
+        raise KeyboardInterrupt("the stage's time limit")
+
+    monkeypatch.setattr(performance, "sampling_rate", sampling_dies)
+    path = tmp_path / "run.json"
+    with pytest.raises(KeyboardInterrupt):
+        performance.main([*TINY_RUN, "--skip", "data", "--no-record", "--json", str(path)])
+    (report,) = json.loads(path.read_text())
+    assert report["preset"] == "digits_quickstart" and report["sampling"] is None
+    assert positive(report["train"]["images_per_s"]) and positive(report["train"]["mfu_vs_conv"])
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary left beside it
+
+
 def test_step_profile_reports_each_variant_and_the_profile(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     import performance
@@ -145,3 +162,31 @@ def test_sample_end_to_end_times_both_and_breaks_sample_py_down(tiny_ckpt, monke
     assert len(stages) == len(sample_end_to_end.STAGES) and math.isclose(sum(stages), total, rel_tol=0.02, abs_tol=0.03)
     row = (tmp_path / "results.md").read_text().splitlines()[-1]
     assert "| ddim10 | 4 | 2 |" in row
+
+
+def test_cpu_targets_alternates_the_configs_between_peaks_and_records_every_figure(
+        performance, tiny_ckpt, monkeypatch, tmp_path, capsys):
+    """bench/cpu_targets.py with tiny UNets on the digits: two rounds in alternating order,
+    each run divided by the higher of the peaks beside it, one row per figure."""
+    import cpu_targets
+
+    peaks = iter([1e9, 3e9, 2e9, 5e9, 4e9])  # before, between and after the runs of two rounds
+    monkeypatch.setattr(cpu_targets, "conv_peak", lambda device, dtype: type("P", (), {"flops_per_s": next(peaks)}))
+    monkeypatch.setattr(cpu_targets, "quiet", lambda: None)
+    monkeypatch.setattr(cpu_targets, "PRESET", "digits_quickstart")
+    monkeypatch.setattr(cpu_targets, "CONFIGS", {"small": (4, ["model.model_channels=32"]),
+                                                 "smaller": (2, ["model.model_channels=32", "model.num_res_blocks=1"])})
+    result = cpu_targets.main(["--rounds", "2", "--warmup", "1", "--steps", "2", "--ckpt", tiny_ckpt,
+                               "--sampler", "ddim10", "--num-samples", "4", "--sample-batch", "2", "--pairs", "1",
+                               "--json", str(tmp_path / "targets.json")])
+    small, smaller = (result["training"]["configs"][name]["runs"] for name in ("small", "smaller"))
+    assert [r["peak"] for r in small] == [3e9, 5e9] and [r["peak"] for r in smaller] == [3e9, 5e9]
+    for run in small + smaller:
+        assert positive(run["images_per_s"]) and math.isclose(run["mfu"], run["achieved"] / run["peak"])
+    out = capsys.readouterr().out
+    assert out.index("round 1: small") < out.index("round 1: smaller") and out.index("round 2: smaller") < out.index(
+        "round 2: small,")  # the second round runs them in reverse
+    assert 0 < result["sampling"]["ratio"] and len(result["sampling"]["pair_ratios"]) == 1
+    assert json.loads((tmp_path / "targets.json").read_text())["training"]["peaks"] == [1e9, 3e9, 2e9, 5e9, 4e9]
+    rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if "cpu_targets.py --rounds" in line]
+    assert len(rows) == 3 and "| small | 4 |" in rows[0] and "sample.py ddim10" in rows[2]
