@@ -1,5 +1,6 @@
 """sample.py imports only what sampling needs (issue 17: its start-up counts against its
-images/s): Lightning, torchmetrics, scipy, matplotlib and scikit-learn never load."""
+images/s): Lightning, torchmetrics, scipy, matplotlib, scikit-learn and torchvision (with
+torch._dynamo and sympy, which it loads) never load."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def test_sample_py_imports_no_lightning_metrics_or_plotting(tiny_ckpt, tmp_path)
     that sample.py does not need is imported, at start or at any later stage."""
     code = (
         "import sys; from diffusion.cli.sample import main; sys.argv[0] = 'sample.py'; main(); "
-        "heavy = ('lightning', 'torchmetrics', 'scipy', 'matplotlib', 'sklearn'); "
+        "heavy = ('lightning', 'torchmetrics', 'scipy', 'matplotlib', 'sklearn', 'torchvision', 'torch._dynamo', "
+        "'sympy'); "
         "print('imported:', sorted(m for m in heavy if m in sys.modules))"
     )
     args = [f"ckpt={tiny_ckpt}", "sampler=ddim10", "num_samples=3", "batch_size=2", "progress=false",

@@ -11,20 +11,37 @@ from PIL import Image
 from diffusion.utils.atomic import atomic_write
 
 
-# torchvision.utils is imported on first use: importing it loads torchvision's models and
-# torch._dynamo (about 2 s), which sample.py would otherwise pay at every start for one grid.
-def make_grid(*args, **kwargs) -> torch.Tensor:
-    """``torchvision.utils.make_grid``."""
-    from torchvision.utils import make_grid as torchvision_make_grid  # safe: diffusion is imported
+# make_grid and save_image below write what torchvision.utils' functions of those names
+# write (the layout, the grey-to-RGB expansion, the rounding; tests/test_images.py compares
+# them), without importing torchvision: its import loads torchvision's models, torch._dynamo
+# and sympy, which cost sample.py about 1.1 s at start and 0.4 s at exit on 2 CPU cores,
+# 9% of a 1000-image DDIM-50 job of the quickstart (bench/results.md), for one grid.
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
+    """(N, C, H, W) -> (C', H', W'): the images in rows of ``nrow``, ``padding`` pixels of
+    ``pad_value`` around each; one channel becomes three (grey RGB); one image is returned
+    as it is, unpadded (torchvision.utils.make_grid's layout)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[0] == 1:
+        return images[0]
+    n, channels, height, width = images.shape
+    columns = min(nrow, n)
+    rows = math.ceil(n / columns)
+    step_y, step_x = height + padding, width + padding
+    grid = images.new_full((channels, rows * step_y + padding, columns * step_x + padding), pad_value)
+    for k in range(n):
+        y, x = divmod(k, columns)
+        grid[:, y * step_y + padding:(y + 1) * step_y, x * step_x + padding:(x + 1) * step_x] = images[k]
+    return grid
 
-    return torchvision_make_grid(*args, **kwargs)
 
-
-def save_image(*args, **kwargs) -> None:
-    """``torchvision.utils.save_image``."""
-    from torchvision.utils import save_image as torchvision_save  # safe: diffusion is imported
-
-    torchvision_save(*args, **kwargs)
+def save_image(grid: torch.Tensor, fp, format: str | None = None) -> None:
+    """Write a [0, 1] grid (C, H, W) to the file object ``fp`` as 8-bit RGB (one channel as
+    grey RGB), each value floor(255 x + 0.5) (torchvision.utils.save_image's rounding)."""
+    if grid.shape[0] == 1:
+        grid = grid.expand(3, -1, -1)
+    array = grid.detach().mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    Image.fromarray(array).save(fp, format=format)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
