@@ -5,7 +5,8 @@ compile, fused AdamW, gradient checkpointing). These changes live in the code in
 each is timed here against the implementation it replaced, at the CIFAR UNet's sizes:
 
 - dropout: ``F.dropout`` (bernoulli_ mask) against `diffusion.nets.blocks.Dropout`
-  (torch.rand mask on a CPU), forward and backward;
+  (torch.rand mask on a CPU), forward and backward; and the mask as a bool tensor (what the
+  layer did before) against the layer's 0/1 mask of the input's dtype;
 - attention: ``scaled_dot_product_attention`` on q, k, v sliced from the qkv tensor with d
   strided (the unfused math path) against `diffusion.nets.blocks.qkv_attention` (contiguous
   q, k, v: the fused flash kernel), forward and backward;
@@ -64,6 +65,19 @@ def dropout_case(device):
             lambda: layer(x).sum().backward())
 
 
+def dropout_mask_case(device):
+    # the same input; the mask as bool (what blocks.Dropout did before) against blocks.Dropout
+    x = torch.randn(32, 256, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    layer = Dropout(0.3).train()
+
+    def bool_mask():
+        keep = torch.rand_like(x) >= 0.3
+        (x * keep).mul_(1.0 / 0.7).sum().backward()
+
+    return bool_mask, lambda: layer(x).sum().backward()
+
+
 def attention_case(device):
     # 16x16 attention of the CIFAR UNet at batch 32: 256 channels, 4 heads of 64, T = 256
     b, heads, d, t = 32, 4, 64, 256
@@ -96,6 +110,7 @@ def ema_case(device):
 
 CASES = {
     "dropout p=0.3, (32, 256, 16, 16) NHWC, fwd+bwd": ("F.dropout (bernoulli_)", "blocks.Dropout (torch.rand)", dropout_case),
+    "dropout mask p=0.3, (32, 256, 16, 16) NHWC, fwd+bwd": ("bool mask", "blocks.Dropout (0/1 mask of x's dtype)", dropout_mask_case),
     "attention 4 heads x 64, T=256, batch 32, fwd+bwd": ("strided q/k/v (math)", "blocks.qkv_attention (flash)", attention_case),
     "EMA update of the CIFAR UNet (52.5M parameters)": ("loop of lerp_", "torch._foreach_lerp_", ema_case),
 }

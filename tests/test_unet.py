@@ -331,3 +331,24 @@ def test_cpu_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it()
     fresh = torch.ones(8, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     assert layer(fresh).is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(Dropout(1.0)(fresh), torch.zeros_like(fresh))  # p = 1: nn.Dropout's path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_equals_the_bool_mask_product_bit_for_bit(dtype):
+    """The 0/1 mask of x's dtype (a fast plain product) gives exactly what x * bool mask gave,
+    forward and backward, from the same random draws."""
+    from diffusion.nets.blocks import Dropout
+
+    p = 0.3
+    x = torch.randn(4, 8, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    y = Dropout(p)(x)
+    torch.manual_seed(1)
+    keep = torch.rand_like(reference, dtype=torch.float32) >= p
+    expected = (reference * keep).mul_(1.0 / (1.0 - p))
+    assert y.dtype == dtype and torch.equal(y, expected) and 0 < keep.sum() < keep.numel()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, reference.grad)
