@@ -244,3 +244,28 @@ def test_sample_from_a_converted_improved_diffusion_checkpoint(compose_cfg, tmp_
                      "num_samples=3", "batch_size=3", "class_labels=[7,8]")
     arrays = np.load(sample(cfg)["npz"])
     assert arrays["arr_0"].shape == (3, 16, 16, 3) and arrays["arr_1"].tolist() == [7, 8, 7]
+
+
+def test_sample_compile_runs_the_compiled_network_and_keys_its_shards(compose_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """compile=true samples through torch.compile (here its eager backend, which traces the
+    network with Dynamo but keeps its kernels: the same images), and is part of the shard key,
+    so that a resumed run never mixes compiled and eager batches."""
+    import functools
+
+    from diffusion.checkpoint import load_checkpoint
+    from diffusion.jobs.shards import shard_key
+
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
+    overrides = [f"ckpt={tiny_ckpt}", "sampler=ddim10", "num_samples=4", "batch_size=2"]
+    eager_cfg = sample_cfg(compose_cfg, tmp_path / "eager", *overrides)
+    compiled_cfg = sample_cfg(compose_cfg, tmp_path / "compiled", *overrides, "compile=true")
+    loaded = load_checkpoint(tiny_ckpt, weights="ema")
+    torch._dynamo.reset()
+    compiled = np.load(sample(compiled_cfg, loaded)["npz"])["arr_0"]
+    assert loaded.model._compiled_call_impl is not None  # the job compiled the network it sampled with
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    np.testing.assert_array_equal(compiled, np.load(sample(eager_cfg)["npz"])["arr_0"])
+    assert shard_key(compiled_cfg, loaded, "cpu") != shard_key(eager_cfg, loaded, "cpu")
+    assert "compile" not in shard_key(eager_cfg, loaded, "cpu")  # earlier manifests still match
+    with pytest.raises(ValueError, match="compile"):
+        sample(sample_cfg(compose_cfg, tmp_path / "bad", *overrides, "compile=maybe"))

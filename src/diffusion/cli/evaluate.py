@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 
 from diffusion.jobs.errors import exit_on_user_error, run_entry_point
 from diffusion.jobs.evaluate import evaluate
-from diffusion.utils.host_memory import retain_freed_memory
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion.configs", config_name="evaluate")
@@ -26,8 +25,4 @@ def run(cfg: DictConfig) -> None:
 def main() -> None:
     """Through the one error path (`diffusion.jobs.errors`): a user error, Hydra's (an unknown
     ``sampler=``) included, is one line on stderr and exit status 2."""
-    # A new process per job: glibc keeps the memory freed after each batch for the next one
-    # instead of returning it to the kernel (utils/host_memory.py); on 2 CPU cores sample.py
-    # spent 5.3 s of 20 s in page faults without it (bench/results.md).
-    retain_freed_memory()
     run_entry_point(run, ValueError)  # every ValueError of the jobs is an input check

@@ -44,6 +44,7 @@ def check_sample_settings(cfg: DictConfig) -> None:
     check_ema_std(cfg.get("ema_std"), cfg.weights)
     require_choice("precision", str(cfg.precision), PRECISIONS)
     require_bool("clip_denoised", cfg.clip_denoised)
+    require_bool("compile", cfg.compile)
     require_bool("progress", cfg.progress)
     class_label_list(cfg.class_labels)
 

@@ -54,6 +54,7 @@ from diffusion.sampling.repaint import MASKS, model_calls, resampling_schedule
 from diffusion.utils.atomic import atomic_save_json, atomic_savez, remove_stale_temporaries
 from diffusion.utils.checks import require_bool, require_choice, require_int, require_writable_dir
 from diffusion.utils.errors import ConfigError
+from diffusion.utils.host_memory import retain_freed_memory
 from diffusion.utils.images import save_image_grid
 from diffusion.utils.lock import folder_lock
 
@@ -283,6 +284,7 @@ def edit_report(cfg: DictConfig, loaded: LoadedCheckpoint, sampler: DDIMSampler 
 
 def edit(cfg: DictConfig) -> dict[str, Any]:
     """Run the job; returns the report written to ``<task>.json`` (with the output paths)."""
+    retain_freed_memory()  # glibc keeps freed host memory for the next batch (utils/host_memory.py)
     loaded, sampler, device = prepare(cfg)
     inputs = read_inputs(cfg, loaded)
     labels = target_labels(cfg, loaded, inputs)

@@ -54,6 +54,7 @@ from diffusion.jobs.superres import condition_on_split, loader_model_kwargs, wra
 from diffusion.utils.atomic import atomic_save_json, remove_stale_temporaries
 from diffusion.utils.checks import require_writable_dir
 from diffusion.utils.errors import ConfigError
+from diffusion.utils.host_memory import retain_freed_memory
 from diffusion.utils.images import save_image_grid
 from diffusion.utils.lock import folder_lock
 
@@ -333,6 +334,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the job into ``<output_dir>/<metric>.json``, written atomically once the metric is
     done (a killed run leaves none), with the output folder locked (`diffusion.utils.lock`)."""
     check_evaluate_settings(cfg, METRICS, FEATURE_EXTRACTORS)  # every setting, before anything is read or written
+    retain_freed_memory()  # glibc keeps freed host memory for the next batch (utils/host_memory.py)
     device = torch.device(resolve_devices(cfg.device, cfg.num_devices)[0])
     loaded = load_chosen_weights(cfg)
     if cfg.metric == "nll":

@@ -18,7 +18,8 @@ What decides batch i's images, hence the key:
   images, and a copied or touched file changes nothing;
 - ``seed`` and ``batch_size`` (batch i draws everything from the generator (seed, i));
   ``num_samples`` (the last batch's size; it also names the folder);
-- the sampler's settings, ``clip_denoised``, ``precision``, ``class_labels``;
+- the sampler's settings, ``clip_denoised``, ``precision``, ``class_labels``, and ``compile``
+  where set (compiled kernels round differently);
 - the device type: the same seed gives other noise on a CUDA device than on the CPU.
 
 Not: ``num_devices`` or which GPU (batch i is the same wherever it runs), ``grid_size``,
@@ -87,6 +88,8 @@ def shard_key(cfg: DictConfig, loaded: LoadedCheckpoint, device_type: str) -> di
         key["ema_std"] = cfg.ema_std
     if cfg.get("low_res") is not None:  # super-resolution inputs, likewise absent otherwise
         key["low_res"] = str(cfg.low_res)
+    if cfg.get("compile"):  # compiled kernels round differently; likewise absent otherwise
+        key["compile"] = True
     return _plain(key)
 
 

@@ -50,6 +50,7 @@ from diffusion.sampling.sigmas import Denoiser
 from diffusion.training.checkpoint_io import AtomicCheckpointIO
 from diffusion.training.ema import EMA
 from diffusion.utils.errors import ConfigError
+from diffusion.utils.host_memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 def distill(cfg: DictConfig) -> str:
     """Run every round; returns the path of the final student's checkpoint."""
+    retain_freed_memory()  # glibc keeps freed host memory for the next batch (utils/host_memory.py)
     check_settings(cfg)
     loaded = load_checkpoint(cfg.ckpt, weights=cfg.weights)
     hparams = dict(read_checkpoint(cfg.ckpt)["hyper_parameters"])
