@@ -27,6 +27,8 @@ VARIANTS = {
     "channels_last": (["model.channels_last=true"], ["model.channels_last=false"]),
     "bf16": (["trainer.precision=bf16-mixed"], ["trainer.precision=32-true"]),
     "compile": (["model.compile=true"], ["model.compile=false"]),
+    "compile_cudagraphs": (["model.compile=true", "model.compile_mode=reduce-overhead"], ["model.compile=true"]),
+    "compile_autotune": (["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs"], ["model.compile=true"]),
     "fused": (["module.optimizer.fused=true"], ["module.optimizer.fused=false"]),
     "grad_checkpoint": (["model.use_checkpoint=true"], ["model.use_checkpoint=false"]),
 }

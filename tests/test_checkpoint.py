@@ -3,6 +3,7 @@ older checkpoints (moved classes, the converter's first layout) still read."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffusion.checkpoint import checkpoint_dict, load_checkpoint, run_config, save_checkpoint
@@ -51,3 +52,24 @@ def test_older_checkpoints_still_read(tmp_path):
 
     assert isinstance(hydra.utils.instantiate({"_target_": config["data"]["_target_"]}), DigitsData)
     assert load_checkpoint(str(tmp_path / "old.ckpt")).image_shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("mode, expected", [(None, {}), ("reduce-overhead", {"mode": "reduce-overhead"}),
+                                            ("max-autotune", {"mode": "max-autotune"})])
+def test_prepare_network_compiles_in_the_chosen_mode(monkeypatch, mode, expected):
+    """model.compile_mode reaches nn.Module.compile; none is passed when unset (a non-Inductor
+    backend refuses a mode); an unknown mode is refused before anything compiles."""
+    from torch import nn
+
+    from diffusion.checkpoint import prepare_network, split_model_config
+
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    unet, runtime = split_model_config({"model_channels": 32, "compile": True, "compile_mode": mode})
+    assert unet == {"model_channels": 32} and runtime == {"compile": True, **({} if mode is None else {"compile_mode": mode})}
+    prepare_network(nn.Linear(2, 2), **runtime)
+    assert calls == [expected]
+    prepare_network(nn.Linear(2, 2), compile=False, compile_mode=mode)
+    assert calls == [expected]  # no compile without compile=True
+    with pytest.raises(ValueError, match="compile_mode='fast'.*reduce-overhead"):
+        prepare_network(nn.Linear(2, 2), compile=True, compile_mode="fast")

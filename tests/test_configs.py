@@ -54,7 +54,7 @@ def test_preset_composes_and_instantiates(compose_cfg, experiment):
     assert cfg.data._target_.endswith(want["data"])
     image_size = {"digits": 8, "cifar": 32}.get(experiment.split("_")[0], 64)
     unet_cfg, runtime = split_model_config(cfg.model)
-    assert set(runtime) == {"channels_last", "compile"} and runtime["compile"] is False
+    assert set(runtime) == {"channels_last", "compile"} and runtime["compile"] is False  # compile_mode null: absent
     unet = hydra.utils.instantiate(unet_cfg)(
         image_size=image_size, in_channels=3, out_channels=3, num_classes=None
     )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from diffusion.checkpoint import load_checkpoint
+from diffusion.checkpoint import load_checkpoint, split_model_config
 from diffusion.data import DigitsData, SuperResData
 from diffusion.jobs.edit import edit
 from diffusion.jobs.evaluate import evaluate
@@ -38,8 +38,7 @@ TINY_RUN = [
 def test_superres_unet_takes_the_low_res_image_at_every_preset_size(compose_cfg, preset):
     cfg = compose_cfg("train", [f"experiment={preset}", "model.model_channels=32", "model.num_res_blocks=1",
                                 "model.attention_resolutions=[]"])
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg = {k: v for k, v in model_cfg.items() if k not in ("channels_last", "compile")}
+    model_cfg, _ = split_model_config(OmegaConf.to_container(cfg.model, resolve=True))
     image_size, low = cfg.data.data.get("image_size", 64), cfg.data.low_res_size
     channels = 1 if "digits" in preset else 3
     num_classes = 3 if cfg.class_cond else None

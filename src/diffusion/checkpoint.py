@@ -52,7 +52,9 @@ from diffusion.utils.atomic import atomic_write
 
 MODEL_PREFIX = "model."  # the UNet's keys in "state_dict": DiffusionModule.model
 # Keys of the model config that say how to run the UNet rather than what it is.
-RUNTIME_KEYS = ("channels_last", "compile")
+RUNTIME_KEYS = ("channels_last", "compile", "compile_mode")
+# torch.compile's modes (model.compile_mode); null is its default mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Targets that moved since a checkpoint was written, so that older checkpoints still load.
 MOVED_TARGETS = {
     f"diffusion.training.data.{name}DataModule": f"diffusion.data.{name}Data"
@@ -65,10 +67,14 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------ the network
-def split_model_config(config: Any) -> tuple[dict[str, Any], dict[str, bool]]:
-    """(the UNet's config, the run-time options ``channels_last`` and ``compile``)."""
+def split_model_config(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the UNet's config, the run-time options ``channels_last``, ``compile`` and
+    ``compile_mode`` that are set)."""
     unet = {key: config[key] for key in config if key not in RUNTIME_KEYS}
-    runtime = {key: bool(config[key]) for key in RUNTIME_KEYS if config.get(key) is not None}
+    runtime = {key: config[key] for key in RUNTIME_KEYS if config.get(key) is not None}
+    for key in ("channels_last", "compile"):
+        if key in runtime:
+            runtime[key] = bool(runtime[key])
     return unet, runtime
 
 
@@ -96,13 +102,18 @@ def build_unet(
     )
 
 
-def prepare_network(net: nn.Module, *, channels_last: bool = False, compile: bool = False) -> nn.Module:
+def prepare_network(net: nn.Module, *, channels_last: bool = False, compile: bool = False,
+                    compile_mode: str | None = None) -> nn.Module:
     """Apply the run-time options in place: NHWC weights, and ``nn.Module.compile`` (which
-    keeps the state-dict keys). Inputs must be NHWC too for channels_last to pay."""
+    keeps the state-dict keys) in ``compile_mode`` (`COMPILE_MODES`; None: torch.compile's
+    default). Inputs must be NHWC too for channels_last to pay."""
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if compile:
-        net.compile()
+        # no mode argument unless one is chosen: a non-Inductor backend refuses one
+        net.compile(**({} if compile_mode is None else {"mode": compile_mode}))
     return net
 
 

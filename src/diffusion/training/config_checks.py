@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion.checkpoint import COMPILE_MODES
 from diffusion.process.gaussian_diffusion import (
     LossType,
     LossWeighting,
@@ -169,6 +170,7 @@ TRAIN_KEYS: dict[str, Check] = {
     "model.use_checkpoint": boolean,
     "model.channels_last": boolean,
     "model.compile": boolean,
+    "model.compile_mode": optional(choice(*COMPILE_MODES)),
     # diffusion (GaussianDiffusion and its schedule)
     "diffusion.model_mean_type": choice(*(m.value for m in ModelMeanType)),
     "diffusion.model_var_type": choice(*(m.value for m in ModelVarType)),
@@ -259,6 +261,10 @@ def check_train_config(cfg: DictConfig) -> None:
     if len(fractions) == 2 and None not in fractions and sum(fractions) >= 1:
         raise ConfigError(f"data.val_fraction={fractions[0]} and data.test_fraction={fractions[1]} "
                           "leave nothing to train on: their sum must be less than 1")
+    model = cfg.get("model") or {}
+    if model.get("compile_mode") is not None and not model.get("compile"):
+        raise ConfigError(f"model.compile_mode={model.compile_mode} has no effect without model.compile=true: "
+                          "set model.compile=true, or remove model.compile_mode")
     trainer = cfg.get("trainer") or {}
     if trainer.get("max_steps") == -1 and trainer.get("max_epochs") in (-1, None):
         raise ConfigError("trainer.max_steps=-1 and trainer.max_epochs=-1 would train forever: "

@@ -80,6 +80,10 @@ class DiffusionModule(L.LightningModule):
             CPUs and with tensor cores on GPUs).
         compile: ``torch.compile`` the UNet in place (``nn.Module.compile``: the state-dict
             keys do not change); the first steps pay for the compilation.
+        compile_mode: torch.compile's mode with ``compile``: None (its default),
+            ``reduce-overhead`` (CUDA graphs: fewer kernel launches, for a step bound by the
+            host), ``max-autotune`` (benchmarks kernel choices; compiles for longer) or
+            ``max-autotune-no-cudagraphs``.
         nonfinite: ``{"policy": "skip" | "stop", "max_consecutive": int}`` for steps whose
             loss or gradient is NaN or inf (see `diffusion.training.nonfinite`). Their update
             is skipped on the device (a fused optimizer's ``found_inf``, or the fp16 scaler);
@@ -104,6 +108,7 @@ class DiffusionModule(L.LightningModule):
         val_seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: str | None = None,
         nonfinite: dict[str, Any] | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
@@ -118,7 +123,7 @@ class DiffusionModule(L.LightningModule):
             model, diffusion, image_size=image_size, in_channels=in_channels,
             num_classes=num_classes, label_dropout=label_dropout,
         )
-        prepare_network(self.model, channels_last=channels_last, compile=compile)
+        prepare_network(self.model, channels_last=channels_last, compile=compile, compile_mode=compile_mode)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.nonfinite = NonFiniteGuard(**nonfinite)
         self.step_applied: torch.Tensor | None = None  # False where the last update was skipped
