@@ -118,7 +118,10 @@ def record_rows(report: dict) -> None:
         record("Sampling throughput",
                ["date", "commit", "torch", "os", "device", "preset", "sampler", "model evaluations",
                 "batch", "precision", "images/s"],
-               [*stamp(), dev, report["preset"], report["sampler"], str(evals), str(batch), precision, f"{rate:.3g}"])
+               # the run's options beside the precision (the table is shared with sample_throughput.py's
+               # rows): gpu_check's eager and compiled stages differ only there
+               [*stamp(), dev, report["preset"], report["sampler"], str(evals), str(batch),
+                precision if report["options"] == "-" else f"{precision} ({cell(report['options'])})", f"{rate:.3g}"])
     if report.get("loader"):
         rate, workers = report["loader"]
         record("Data loading",

@@ -320,7 +320,7 @@ def main() -> None:
     from common import record, stamp
 
     header = ["date", "commit", "torch", "os", "device", "sampler", "images", "batch", "sample.py images/s",
-              "loop images/s", "ratio", "pair ratios", "CPU-time ratio", "sample.py outside sampling (s)", "command"]
+              "loop images/s", "ratio (median of pairs)", "pair ratios", "CPU-time ratio", "sample.py outside sampling (s)", "command"]
     outside = result["outside_s"]
     row = [*stamp(), result["device"], args.sampler, str(args.num_samples), str(args.batch),
            f"{result['sample_py_images_per_s']:.3g}", f"{result['loop_images_per_s']:.3g}", f"{result['ratio']:.1%}",

@@ -190,3 +190,19 @@ def test_cpu_targets_alternates_the_configs_between_peaks_and_records_every_figu
     assert json.loads((tmp_path / "targets.json").read_text())["training"]["peaks"] == [1e9, 3e9, 2e9, 5e9, 4e9]
     rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if "cpu_targets.py --rounds" in line]
     assert len(rows) == 3 and "| small | 4 |" in rows[0] and "sample.py ddim10" in rows[2]
+
+
+def test_every_ablation_variant_composes_and_passes_the_config_checks(tmp_path):
+    """Both sides of every --ablate variant are valid overrides of the CIFAR preset (a typo
+    would only show on the GPU, mid-run)."""
+    from ablations import VARIANTS
+
+    from diffusion.training.config_checks import check_train_config
+
+    from common import compose_preset
+
+    for name, (on, off) in VARIANTS.items():
+        for overrides in (on, off):
+            check_train_config(compose_preset("cifar_cosine_learned_sigma", ["data=synthetic", *overrides],
+                                              str(tmp_path / name)))
+    GlobalHydra.instance().clear()

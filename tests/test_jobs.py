@@ -261,6 +261,7 @@ def test_sample_compile_runs_the_compiled_network_and_keys_its_shards(compose_cf
     compiled_cfg = sample_cfg(compose_cfg, tmp_path / "compiled", *overrides, "compile=true")
     loaded = load_checkpoint(tiny_ckpt, weights="ema")
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: earlier tests' graphs would count
     compiled = np.load(sample(compiled_cfg, loaded)["npz"])["arr_0"]
     assert loaded.model._compiled_call_impl is not None  # the job compiled the network it sampled with
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
@@ -269,3 +270,25 @@ def test_sample_compile_runs_the_compiled_network_and_keys_its_shards(compose_cf
     assert "compile" not in shard_key(eager_cfg, loaded, "cpu")  # earlier manifests still match
     with pytest.raises(ValueError, match="compile"):
         sample(sample_cfg(compose_cfg, tmp_path / "bad", *overrides, "compile=maybe"))
+    with pytest.raises(ValueError, match="compiled by an earlier compile=true job"):
+        sample(sample_cfg(compose_cfg, tmp_path / "eager2", *overrides), loaded)  # its key would say eager
+
+
+@pytest.mark.parametrize("extra", [["metric=nll"], ["metric=ode_nll"], ["metric=fid", "samples=x.npz"]])
+def test_evaluate_refuses_compile_where_it_draws_no_samples(compose_cfg, tiny_ckpt, tmp_path, extra):
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", *extra, "compile=true", "progress=false"],
+                      output_dir=tmp_path / "eval")
+    with pytest.raises(ValueError, match=r"compile=true compiles the network for sampling.*remove compile=true"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_jobs_keep_freed_host_memory(compose_cfg, tiny_ckpt, tmp_path, monkeypatch):
+    """sample's batches and evaluate ask glibc to keep freed memory (utils/host_memory.py)."""
+    calls = []
+    monkeypatch.setattr(sample_job, "retain_freed_memory", lambda: calls.append("sample"))
+    monkeypatch.setattr(evaluate_job, "retain_freed_memory", lambda: calls.append("evaluate"))
+    sample(sample_cfg(compose_cfg, tmp_path, f"ckpt={tiny_ckpt}", "sampler=ddim10", "num_samples=2", "batch_size=2"))
+    evaluate(compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", "metric=nll", "max_batches=1", "batch_size=4",
+                                      "progress=false"], output_dir=tmp_path / "eval"))
+    assert calls == ["sample", "evaluate"]

@@ -54,6 +54,10 @@ def check_evaluate_settings(cfg: DictConfig, metrics, extractors) -> None:
     and ``extractors`` are the valid ``metric=`` and ``feature_extractor=`` values."""
     require_choice("metric", cfg.metric, metrics)
     check_sample_settings(cfg)
+    if cfg.compile and (cfg.metric != "fid" or cfg.samples is not None):
+        without = f"metric={cfg.metric}" if cfg.metric != "fid" else f"metric=fid with samples={cfg.samples}"
+        raise ConfigError(f"compile=true compiles the network for sampling, which {without} does not do: "
+                          "remove compile=true")
     require_choice("split", cfg.split, SPLITS)
     if cfg.max_batches is not None:
         require_int("max_batches", cfg.max_batches, 1)

@@ -117,7 +117,8 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     process they are passed in."""
     # glibc keeps the memory freed after each batch for the next one instead of returning it
     # to the kernel (utils/host_memory.py): on 2 CPU cores a 1000-image DDIM-50 run spent 5.3 s
-    # of its 20 s in page faults without it (bench/results.md).
+    # of its 20 s in page faults without it (bench/results.md). Always, unlike train.py's
+    # retain_freed_memory key: a job's process ends with the job, and its peak with it.
     retain_freed_memory()
     cfg = OmegaConf.create(cfg_yaml)
     device = torch.device(devices[rank])
@@ -126,8 +127,12 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     if sampler is None:
         sampler = hydra.utils.instantiate(cfg.sampler)
     loaded.model.to(device)
-    if cfg.compile and getattr(loaded.model, "_compiled_call_impl", None) is None:
-        loaded.model.compile()  # in place (nn.Module.compile): the first batch compiles
+    compiled = getattr(loaded.model, "_compiled_call_impl", None) is not None  # what nn.Module.compile sets
+    if cfg.compile and not compiled:
+        loaded.model.compile()  # in place: the first batch compiles
+    elif compiled and not cfg.compile:  # the shard key would say eager
+        raise ValueError("compile=false, but the network was compiled by an earlier compile=true job in this "
+                         "process: load the checkpoint again")
     low_res = read_low_res(cfg, loaded)
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):

@@ -125,9 +125,10 @@ class Dropout(nn.Dropout):
     slower forward and backward than this at the CIFAR UNet's sizes (about 3% of a
     training step). Same law: keep each value with probability 1 - p, scaled by
     1/(1 - p). The mask is a 0/1 tensor of the input's dtype, not a bool one: a product
-    with a bool tensor takes PyTorch's type-promoting path, about 8x slower than a plain
-    product (bench/kernels.py), forward and backward. The values are the bool mask's,
-    bit for bit. Other devices keep their fused kernel.
+    with a bool tensor takes PyTorch's type-promoting path, 5-8x the time of a plain
+    product on a 2-core CPU, forward and backward; the layer as a whole ran x1.15 to x1.22 faster
+    (bench/kernels.py, bench/results.md). The values are the bool mask's, bit for bit.
+    Other devices keep their fused kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
