@@ -197,6 +197,34 @@ def test_distill_rounds_resume_refuse_and_sample(tmp_path, tiny_ckpt, monkeypatc
     assert isinstance(hydra_instantiate(cfg.sampler), ConsistencySampler) and cfg.sampler.steps == 1
 
 
+@pytest.mark.slow
+def test_a_resumed_round_keeps_the_rows_logged_before_it_was_stopped(tmp_path, tiny_ckpt, monkeypatch):
+    """A round stopped after its checkpoint at step 50 resumes there and ends with the rows of
+    both parts, each step once (Lightning's own CSVLogger deleted the file on reuse)."""
+    import csv  # noqa: PLC0415
+
+    from diffusion.training.distill import ProgressiveDistillation, distill  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    original, stopped = ProgressiveDistillation.training_step, []
+
+    def stops_once_at_step_60(self, batch, batch_idx):
+        if self.global_step == 60 and not stopped:
+            stopped.append(self.global_step)
+            raise RuntimeError("stopped at step 60")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ProgressiveDistillation, "training_step", stops_once_at_step_60)
+    cfg = ["start_steps=2", "student_steps=1", "steps_per_round=100", "checkpoint_every=50"]
+    with pytest.raises(RuntimeError, match="stopped at step 60"):
+        distill(distill_cfg(tmp_path, tiny_ckpt, *cfg))
+    (metrics,) = (tmp_path / "distilled").glob("round_*/csv/metrics.csv")
+    assert [int(row["step"]) for row in csv.DictReader(open(metrics))] == [49]
+    distill(distill_cfg(tmp_path, tiny_ckpt, *cfg))
+    rows = list(csv.DictReader(open(metrics)))
+    assert [int(row["step"]) for row in rows] == [49, 99] and all(row["train/loss"] for row in rows)
+
+
 def test_distill_settings_are_checked(tmp_path):
     from diffusion.training.distill import check_settings, round_steps  # noqa: PLC0415
 

@@ -47,8 +47,9 @@ from diffusion.sampling.distillation import (
     truncated_snr_weight,
 )
 from diffusion.sampling.sigmas import Denoiser
-from diffusion.training.checkpoint_io import AtomicCheckpointIO
+from diffusion.training.checkpoint_io import AtomicCheckpointIO, CheckpointAfterLogs
 from diffusion.training.ema import EMA
+from diffusion.training.loggers import ResumableCSVLogger
 from diffusion.utils.errors import ConfigError
 from diffusion.utils.host_memory import retain_freed_memory
 
@@ -274,8 +275,10 @@ def fit_round(cfg: DictConfig, student: torch.nn.Module, teacher: torch.nn.Modul
                                                 every_n_train_steps=cfg.checkpoint_every)
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=1, precision=cfg.precision, max_steps=cfg.steps_per_round,
-        max_epochs=-1, gradient_clip_val=cfg.gradient_clip_val, callbacks=[ema, saver],
-        logger=L.pytorch.loggers.CSVLogger(round_dir, name="csv", version=""),
+        # train.py's logger and checkpoint order: a resumed round keeps the rows logged before
+        # the interruption, and no checkpoint reaches the disk before its step's row
+        max_epochs=-1, gradient_clip_val=cfg.gradient_clip_val, callbacks=[ema, CheckpointAfterLogs(), saver],
+        logger=ResumableCSVLogger(round_dir, name="csv", version=""),
         plugins=[AtomicCheckpointIO()], default_root_dir=round_dir, enable_progress_bar=cfg.progress,
         enable_model_summary=False, log_every_n_steps=min(50, cfg.steps_per_round), num_sanity_val_steps=0,
         limit_val_batches=0,
