@@ -59,10 +59,23 @@ def test_every_fid_result_names_its_protocol(compose_cfg, tiny_ckpt, cache_dir, 
     assert written["feature_extractor"] == classifier.stem
     assert written["feature_extractor_sha256"] == hashlib.sha256(classifier.read_bytes()).hexdigest()
     assert written["sampler"]["_target_"] == "diffusion.sampling.DDIMSampler" and written["nfe"] == 10
+    assert written["sampling"] == {"precision": "32", "clip_denoised": True, "class_labels": None, "low_res": None,
+                                   "compile": False}
     assert written["ckpt"] == tiny_ckpt and written["weights"] == "raw" and written["ema_std"] is None
     assert written["global_step"] == 4 and written["seed"] == 0 and written["seeds"] == [0]
     # the reference features are cached under the extractor's name and weights
     assert (cache_dir / f"digits-train-{classifier.stem}-{written['feature_extractor_sha256'][:12]}.npz").is_file()
+
+
+def test_a_given_sample_set_leaves_the_drawing_settings_unknown(compose_cfg, tiny_ckpt, cache_dir, tmp_path):
+    """samples= an npz from elsewhere: the protocol names the file, and says nothing of how it
+    was drawn (sampler, nfe and sampling are null) rather than the settings of this config."""
+    rng = np.random.default_rng(0)
+    npz = write_npz(tmp_path / "given.npz", rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8))
+    evaluate(fid_cfg(compose_cfg, tiny_ckpt, tmp_path / "eval", cache_dir, f"samples={npz}", "precision=bf16"))
+    written = json.loads((tmp_path / "eval" / "fid.json").read_text())
+    assert written["samples"] == str(npz)
+    assert written["sampler"] is None and written["nfe"] is None and written["sampling"] is None
 
 
 def test_nll_results_name_their_protocol_too(compose_cfg, tiny_ckpt, tmp_path):

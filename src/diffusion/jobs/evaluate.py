@@ -287,7 +287,9 @@ def protocol(cfg: DictConfig, loaded: LoadedCheckpoint, *, seeds: list[int] | No
     σ_rel asked for, or null); ``seed``. nll and ode_nll: the ``split``. metric=fid: ``seeds``
     (seed, seed + 1, ..., one per ``num_seeds``) and ``num_seeds``; ``samples`` (the npz,
     a list of one per seed when there are several); the ``sampler``'s config and its ``nfe``
-    (network calls per sample), both null for samples= given; the ``reference`` set
+    (network calls per sample), both null for samples= given; ``sampling``, the other settings
+    that decide drawn samples (``precision``, ``clip_denoised``, ``class_labels``, ``low_res``,
+    ``compile``; null for samples= given); the ``reference`` set
     (dataset, split, num_images); ``feature_extractor`` and ``feature_extractor_sha256``, the
     SHA-256 of its weights file (Inception's, the DINOv2 checkpoint, or the digits
     classifier's cache file). The number of samples is the metric's own ``num_samples``.
@@ -298,8 +300,13 @@ def protocol(cfg: DictConfig, loaded: LoadedCheckpoint, *, seeds: list[int] | No
         return {**facts, "split": cfg.split}
     drawn = [d for d in draws if d]
     samples = [d["npz"] for d in drawn] or [os.path.abspath(cfg.samples)]
+    labels = cfg.class_labels
+    sampling = {"precision": str(cfg.precision), "clip_denoised": bool(cfg.clip_denoised),
+                "class_labels": OmegaConf.to_container(labels) if OmegaConf.is_config(labels) else labels,
+                "low_res": None if cfg.get("low_res") is None else str(cfg.low_res), "compile": bool(cfg.compile)}
     return {**facts, "seeds": seeds, "num_seeds": len(seeds), "samples": samples[0] if len(samples) == 1 else samples,
             "sampler": drawn[0]["sampler"] if drawn else None, "nfe": drawn[0]["nfe"] if drawn else None,
+            "sampling": sampling if drawn else None,
             "reference": reference, "feature_extractor": extractor.name,
             "feature_extractor_sha256": extractor.weights_sha256}
 
