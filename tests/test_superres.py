@@ -164,3 +164,25 @@ def test_evaluate_nll_and_fid_condition_on_the_split(compose_cfg, tiny_superres_
     drawn = np.load(next((tmp_path / "fid").glob("samples_12x8x8x1.npz")))["arr_0"]
     cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "s", "num_samples=12", "low_res=split:test")
     np.testing.assert_array_equal(drawn, np.load(sample(cfg)["npz"])["arr_0"])
+
+
+def test_the_jobs_read_a_wrapped_datasets_training_split_without_flips(tmp_path):
+    """data_for (FID's reference set, low_res=split:train, edit.py's split inputs) turns off
+    random_flip of the dataset a super-resolution config wraps too: every read of a training
+    image gives the same pixels, so a resumed job pairs its inputs with the same shards."""
+    from types import SimpleNamespace
+
+    from diffusion.jobs.evaluate import data_for, split_loader
+
+    rng = np.random.default_rng(0)
+    for k in range(8):  # noise: a flipped image differs from the original
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    wrapped = {"_target_": "diffusion.data.ImageFolderData", "root": str(tmp_path), "image_size": 16,
+               "labels": "none", "random_flip": True, "val_fraction": 0.25, "test_fraction": 0.25,
+               "batch_size": 4, "num_workers": 0, "pin_memory": False, "persistent_workers": False}
+    loaded = SimpleNamespace(config={"data": {"_target_": "diffusion.data.SuperResData", "low_res_size": 8,
+                                              "data": wrapped}})
+    data = data_for(OmegaConf.create({"ckpt": "run.ckpt", "batch_size": 4, "data": None}), loaded)
+    assert isinstance(data, SuperResData) and data.data.random_flip is False
+    reads = [torch.cat([images for images, _ in split_loader(data, "train")]) for _ in range(6)]
+    assert all(torch.equal(reads[0], other) for other in reads[1:])

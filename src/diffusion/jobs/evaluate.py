@@ -73,11 +73,22 @@ def data_for(cfg: DictConfig, loaded: LoadedCheckpoint):
     data_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(data_cfg), resolve=True))
     with open_dict(data_cfg):
         data_cfg.batch_size = cfg.batch_size
-        if "random_flip" in data_cfg:
-            data_cfg.random_flip = False
+        without_flips(data_cfg)
     data = hydra.utils.instantiate(data_cfg)
     data.setup()  # builds every split
     return data
+
+
+def without_flips(data_cfg: DictConfig) -> None:
+    """Set every ``random_flip`` of a data config to false, also a wrapped dataset's (a
+    super-resolution pair's ``data``): a training-split image read here (FID's reference set,
+    low_res=split:train, edit.py's inputs) must be the same image at every read, or a resumed
+    job would pair new inputs with the shards of old ones."""
+    for key, value in data_cfg.items():
+        if key == "random_flip":
+            data_cfg[key] = False
+        elif isinstance(value, DictConfig):
+            without_flips(value)
 
 
 def split_loader(data, split: str):
