@@ -186,3 +186,31 @@ def test_the_jobs_read_a_wrapped_datasets_training_split_without_flips(tmp_path)
     assert isinstance(data, SuperResData) and data.data.random_flip is False
     reads = [torch.cat([images for images, _ in split_loader(data, "train")]) for _ in range(6)]
     assert all(torch.equal(reads[0], other) for other in reads[1:])
+
+
+def test_class_labels_input_gives_each_sample_the_label_of_its_low_res_split_image(
+        compose_cfg, tiny_superres_ckpt, tmp_path):
+    """A class-conditional super-resolution model with low_res=split:test and class_labels=input:
+    sample i is conditioned on test image i's low-resolution version and on its label (arr_1),
+    cycled over the batches; the other sources of labels or images are refused in one line."""
+    from conftest import train_checkpoint
+
+    (tmp_path / "cond_run").mkdir()
+    cond = train_checkpoint(tmp_path / "cond_run", [
+        "experiment=digits_superres_4to8", *TINY_UNET, "model.attention_resolutions=[4]", "class_cond=true",
+        "diffusion.betas.num_diffusion_timesteps=20", "data.batch_size=16", "~callbacks.progress_bar",
+        "trainer.max_steps=2", "test_after_fit=false", "trainer.limit_val_batches=0", "~callbacks.posthoc_ema"])
+    pairs = SuperResData(DigitsData(), low_res_size=4)
+    pairs.setup()
+    expected = [int(pairs.test_set[i][1]["y"]) for i in range(5)]
+    cfg = job_cfg(compose_cfg, "sample", cond, tmp_path / "s", "num_samples=5", "batch_size=3", "low_res=split:test",
+                  "class_labels=input")  # two batches: 3 + 2
+    arrays = np.load(sample(cfg)["npz"])
+    assert arrays["arr_1"].tolist() == expected and len(set(expected)) > 1
+    np.savez(tmp_path / "low.npz", arr_0=np.zeros((2, 4, 4, 1), np.uint8))
+    for ckpt, low_res in ((cond, f"{tmp_path / 'low.npz'}"), (tiny_superres_ckpt, "split:test")):
+        bad = job_cfg(compose_cfg, "sample", ckpt, tmp_path / "bad", "num_samples=2", f"low_res={low_res}",
+                      "class_labels=input")
+        with pytest.raises(ConfigError, match="class_labels=input gives each sample the label of its low-resolution"):
+            sample(bad)
+        assert not (tmp_path / "bad").exists()

@@ -166,16 +166,23 @@ def check_ema_std(ema_std: Any, weights: Any) -> None:
                           "weights= (post-hoc EMA) or ema_std=")
 
 
+# class_labels=input: each image's own label (edit.py: its split image's; sample.py and
+# evaluate.py: its low_res=split image's, `diffusion.jobs.superres.read_conditioning`)
+INPUT_LABELS = "input"
+
+
 def class_label_list(labels: Any) -> list[int] | None:
-    """``class_labels`` as a list of class indices, or None (random labels)."""
-    if labels is None:
+    """``class_labels`` as a list of class indices, or None (random labels, or ``input``:
+    the inputs' own, checked against the inputs where they are read)."""
+    if labels is None or labels == INPUT_LABELS:
         return None
     given = OmegaConf.to_container(labels) if OmegaConf.is_list(labels) else labels
     given = [given] if isinstance(given, int) else given
     if (not isinstance(given, list) or not given
             or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in given)):
         raise ConfigError(f"class_labels={labels!r} must be null (random labels), a class index, "
-                         "or a non-empty list of class indices such as [0,3]")
+                         "a non-empty list of class indices such as [0,3], or input (a super-resolution "
+                         "model's low_res=split images' own)")
     return given
 
 

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffusion.checkpoint import LoadedCheckpoint
-from diffusion.jobs.checks import SPLITS, build_sampler, check_sampler, check_weights
+from diffusion.jobs.checks import INPUT_LABELS, SPLITS, build_sampler, check_sampler, check_weights
 from diffusion.jobs.common import PRECISIONS, images_progress, resolve_devices
 from diffusion.jobs.edit_tasks import TASK_RUNS, EditJob
 from diffusion.jobs.inputs import read_split, read_uint8_images, shape_error, to_model_range
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 
 TASKS = ("encode", "reconstruct", "interpolate", "sdedit", "inpaint", "superres")
 SOURCES = ("images", "seeds")
-INPUT_LABELS = "input"  # class_labels=input: each split image's own label
 
 
 # ------------------------------------------------------------------------------ checks

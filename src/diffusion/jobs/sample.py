@@ -40,7 +40,7 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.shards import open_shard_dir, remove_shard_dir, shard_key, shard_path
-from diffusion.jobs.superres import batch_low_res, read_low_res
+from diffusion.jobs.superres import batch_low_res, read_conditioning
 from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY
 from diffusion.utils.atomic import atomic_savez, remove_stale_temporaries
@@ -59,11 +59,14 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
 
 
 def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: int,
-                 generator: torch.Generator) -> torch.Tensor | None:
-    """Labels of batch ``index``: given ones cycled in order, or uniformly random. (The job
-    checked the given ones against the checkpoint's classes: `check_class_labels`.)"""
+                 generator: torch.Generator, input_labels: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Labels of batch ``index``: given ones cycled in order, uniformly random, or (``input``)
+    the labels of the low-resolution images, cycled as they are. (The job checked the given
+    ones against the checkpoint's classes: `check_class_labels`.)"""
     if loaded.num_classes is None:
         return None
+    if input_labels is not None:
+        return batch_low_res(input_labels, index * cfg.batch_size, size, generator.device)
     if cfg.class_labels is None:
         return torch.randint(0, loaded.num_classes, (size,), generator=generator, device=generator.device)
     given = [cfg.class_labels] if isinstance(cfg.class_labels, int) else list(cfg.class_labels)
@@ -72,9 +75,10 @@ def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: in
 
 
 def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int, size: int,
-                 device: torch.device, low_res: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+                 device: torch.device, low_res: torch.Tensor | None = None,
+                 input_labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     generator = batch_generator(cfg.seed, index, device)
-    labels = batch_labels(cfg, loaded, index, size, generator)
+    labels = batch_labels(cfg, loaded, index, size, generator, input_labels)
     if low_res is not None:  # a super-resolution model (diffusion.jobs.superres)
         low_res = batch_low_res(low_res, index * cfg.batch_size, size, device)
     images = draw_batch(cfg, loaded, sampler, generator, size, device, labels, low_res)
@@ -133,11 +137,11 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     elif compiled and not cfg.compile:  # the shard key would say eager
         raise ValueError("compile=false, but the network was compiled by an earlier compile=true job in this "
                          "process: load the checkpoint again")
-    low_res = read_low_res(cfg, loaded)
+    low_res, input_labels = read_conditioning(cfg, loaded)
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
             continue
-        arrays = sample_batch(cfg, loaded, sampler, index, size, device, low_res)
+        arrays = sample_batch(cfg, loaded, sampler, index, size, device, low_res, input_labels)
         with explain_write_failure(shard_path(shard_dir, index), shard_dir):
             atomic_savez(shard_path(shard_dir, index), **arrays)
         if progress_queue is not None:
@@ -204,7 +208,7 @@ def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[Lo
         sampler = build_sampler(cfg.sampler)
     check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
     check_class_labels(cfg.class_labels, loaded.num_classes)
-    read_low_res(cfg, loaded)  # a missing or wrong-sized input fails before anything is written
+    read_conditioning(cfg, loaded)  # a missing or wrong-sized input fails before anything is written
     return loaded, sampler, devices
 
 

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from diffusion.checkpoint import LoadedCheckpoint
-from diffusion.jobs.checks import SPLITS
+from diffusion.jobs.checks import INPUT_LABELS, SPLITS
 from diffusion.jobs.inputs import read_split, read_uint8_images, shape_error, to_model_range
 from diffusion.utils.errors import ConfigError
 
@@ -45,19 +45,42 @@ def read_low_res(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor | No
     """``cfg.low_res`` as (N, C, s, s) floats in [-1, 1] for a super-resolution checkpoint
     (a split: its first ``num_samples`` images), None otherwise; a one-line ConfigError for
     a missing input, a wrong size, or low_res on another model."""
+    return read_conditioning(cfg, loaded)[0]
+
+
+def read_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(`read_low_res`'s images, and with ``class_labels=input`` the (N,) labels of those
+    images, read with them from their split; else None)."""
     source, size = cfg.get("low_res"), low_res_size(loaded)
+    wants_labels = cfg.get("class_labels") == INPUT_LABELS
     if size is None:
         if source is not None:
             raise ConfigError(f"low_res={source}: the checkpoint is not a super-resolution model; leave low_res out")
-        return None
+        if wants_labels:
+            raise input_labels_error()
+        return None, None
     if source is None:
         channels = loaded.image_shape[0]
         raise ConfigError(f"the checkpoint is a super-resolution model: pass low_res=NPZ_OR_FOLDER of "
                           f"{size}x{size}x{channels} images (HxWxC), or low_res=split:test")
     split = low_res_split(source)
+    if wants_labels and (split is None or loaded.num_classes is None):
+        raise input_labels_error()
     if split is None:
-        return read_low_res_images("low_res", source, loaded)
-    return split_low_res("low_res", cfg, loaded, split, cfg.num_samples)[1]
+        return read_low_res_images("low_res", source, loaded), None
+    _, low_res, kwargs = split_low_res("low_res", cfg, loaded, split, cfg.num_samples)
+    if not wants_labels:
+        return low_res, None
+    if kwargs.get("y") is None:
+        raise ConfigError(f"class_labels=input: split {split} of the checkpoint's dataset has no labels; pass "
+                          "class_labels=null (random), K or a list")
+    return low_res, kwargs["y"].long()
+
+
+def input_labels_error() -> ConfigError:
+    return ConfigError("class_labels=input gives each sample the label of its low-resolution image, which needs a "
+                       "class-conditional super-resolution checkpoint and low_res=split:test (or split:train, "
+                       "split:val); else pass class_labels=null (random), K or a list")
 
 
 def read_low_res_images(key: str, source: str, loaded: LoadedCheckpoint, count: int | None = None) -> torch.Tensor:
@@ -84,7 +107,8 @@ def split_low_res(key: str, cfg: DictConfig, loaded: LoadedCheckpoint, split: st
 
 
 def batch_low_res(low_res: torch.Tensor, start: int, size: int, device: torch.device) -> torch.Tensor:
-    """The low-resolution images of the batch whose first sample is number ``start``."""
+    """The low-resolution images (or their labels) of the batch whose first sample is number
+    ``start``: sample i takes input i, cycled."""
     index = torch.arange(start, start + size) % len(low_res)
     return low_res[index].to(device)
 
