@@ -275,10 +275,16 @@ def test_sample_compile_runs_the_compiled_network_and_keys_its_shards(compose_cf
 
 
 @pytest.mark.parametrize("extra", [["metric=nll"], ["metric=ode_nll"], ["metric=fid", "samples=x.npz"]])
-def test_evaluate_refuses_compile_where_it_draws_no_samples(compose_cfg, tiny_ckpt, tmp_path, extra):
-    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", *extra, "compile=true", "progress=false"],
+@pytest.mark.parametrize("setting, message", [
+    ("compile=true", r"compile=true compiles the network for sampling.*remove compile=true"),
+    ("class_labels=3", r"class_labels=3 sets how samples are drawn, and metric=.* draws none: remove class_labels"),
+    ("low_res=split:test", r"low_res=split:test sets how samples are drawn.*remove low_res"),
+])
+def test_evaluate_refuses_drawing_settings_where_it_draws_no_samples(compose_cfg, tiny_ckpt, tmp_path, extra,
+                                                                     setting, message):
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_ckpt}", *extra, setting, "progress=false"],
                       output_dir=tmp_path / "eval")
-    with pytest.raises(ValueError, match=r"compile=true compiles the network for sampling.*remove compile=true"):
+    with pytest.raises(ValueError, match=message):
         evaluate(cfg)
     assert not (tmp_path / "eval").exists()
 

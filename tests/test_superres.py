@@ -5,6 +5,8 @@ checkpoint, and the one-line errors."""
 
 from __future__ import annotations
 
+import json
+
 import hydra
 import numpy as np
 import pytest
@@ -207,6 +209,18 @@ def test_class_labels_input_gives_each_sample_the_label_of_its_low_res_split_ima
                   "class_labels=input")  # two batches: 3 + 2
     arrays = np.load(sample(cfg)["npz"])
     assert arrays["arr_1"].tolist() == expected and len(set(expected)) > 1
+    # evaluate.py metric=fid: low_res=split:test set by evaluate itself, the labels named in the protocol
+    fid_args = ["metric=fid", "num_samples=20", "batch_size=20", "kid_subsets=10", f"cache_dir={tmp_path / 'cache'}"]
+    evaluate(job_cfg(compose_cfg, "evaluate", cond, tmp_path / "eval", *fid_args, "class_labels=input"))
+    written = json.loads((tmp_path / "eval" / "fid.json").read_text())
+    assert written["sampling"]["class_labels"] == "input" and written["sampling"]["low_res"] == "split:test"
+    drawn = np.load(written["samples"])["arr_1"]
+    assert drawn.tolist() == [int(pairs.test_set[i][1]["y"]) for i in range(20)]
+    # an unconditional model: refused before the classifier and the reference features are made
+    with pytest.raises(ConfigError, match="class_labels=input gives each sample the label"):
+        evaluate(job_cfg(compose_cfg, "evaluate", tiny_superres_ckpt, tmp_path / "bad_eval", *fid_args[:-1],
+                         f"cache_dir={tmp_path / 'bad_cache'}", "class_labels=input"))
+    assert not (tmp_path / "bad_cache").exists() and not (tmp_path / "bad_eval").exists()
     np.savez(tmp_path / "low.npz", arr_0=np.zeros((2, 4, 4, 1), np.uint8))
     for ckpt, low_res in ((cond, f"{tmp_path / 'low.npz'}"), (tiny_superres_ckpt, "split:test")):
         bad = job_cfg(compose_cfg, "sample", ckpt, tmp_path / "bad", "num_samples=2", f"low_res={low_res}",
@@ -214,3 +228,42 @@ def test_class_labels_input_gives_each_sample_the_label_of_its_low_res_split_ima
         with pytest.raises(ConfigError, match="class_labels=input gives each sample the label of its low-resolution"):
             sample(bad)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_changed_low_res_file_is_refused_on_resume(compose_cfg, tiny_superres_ckpt, tmp_path, monkeypatch):
+    """The shard key holds a digest of the low-resolution images read: a job stopped after
+    its first batch, whose low_res npz is then rewritten with other images under the same
+    name, is refused instead of finishing with shards of both."""
+    from diffusion.jobs import sample as sample_job
+    from diffusion.jobs.shards import ShardsMismatchError
+
+    rng = np.random.default_rng(0)
+    low = tmp_path / "low.npz"
+    np.savez(low, arr_0=rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8))
+    cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "run", "num_samples=4", "batch_size=2",
+                  f"low_res={low}")
+    original, calls = sample_job.sample_batch, []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample_job, "sample_batch", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        sample(cfg)
+    monkeypatch.setattr(sample_job, "sample_batch", original)
+    np.savez(low, arr_0=rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8))  # other images, same name
+    with pytest.raises(ShardsMismatchError, match="conditioning_sha256"):
+        sample(cfg)
+
+
+def test_split_labels_are_checked_against_the_model():
+    from diffusion.jobs.inputs import checked_labels
+
+    assert checked_labels("class_labels", torch.tensor([0, 2, 1]), "split test", 3).dtype == torch.int64
+    with pytest.raises(ConfigError, match="split test of the dataset has no labels"):
+        checked_labels("class_labels", None, "split test", 3)
+    with pytest.raises(ConfigError, match="labels up to 5, outside the checkpoint's classes 0..2"):
+        checked_labels("class_labels", torch.tensor([0, 5]), "split test", 3)

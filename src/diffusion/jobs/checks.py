@@ -54,10 +54,15 @@ def check_evaluate_settings(cfg: DictConfig, metrics, extractors) -> None:
     and ``extractors`` are the valid ``metric=`` and ``feature_extractor=`` values."""
     require_choice("metric", cfg.metric, metrics)
     check_sample_settings(cfg)
-    if cfg.compile and (cfg.metric != "fid" or cfg.samples is not None):
+    if cfg.metric != "fid" or cfg.samples is not None:  # no samples are drawn: the drawing settings do nothing
         without = f"metric={cfg.metric}" if cfg.metric != "fid" else f"metric=fid with samples={cfg.samples}"
-        raise ConfigError(f"compile=true compiles the network for sampling, which {without} does not do: "
-                          "remove compile=true")
+        if cfg.compile:
+            raise ConfigError(f"compile=true compiles the network for sampling, which {without} does not do: "
+                              "remove compile=true")
+        for key in ("class_labels", "low_res"):
+            if cfg.get(key) is not None:
+                raise ConfigError(f"{key}={cfg[key]} sets how samples are drawn, and {without} draws none: remove "
+                                  f"{key} (metric=nll and ode_nll condition on the split's own labels and images)")
     require_choice("split", cfg.split, SPLITS)
     if cfg.max_batches is not None:
         require_int("max_batches", cfg.max_batches, 1)

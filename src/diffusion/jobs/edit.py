@@ -44,7 +44,13 @@ from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.jobs.checks import INPUT_LABELS, SPLITS, build_sampler, check_sampler, check_weights
 from diffusion.jobs.common import PRECISIONS, images_progress, resolve_devices
 from diffusion.jobs.edit_tasks import TASK_RUNS, EditJob
-from diffusion.jobs.inputs import read_split, read_uint8_images, shape_error, to_model_range
+from diffusion.jobs.inputs import (
+    checked_labels,
+    read_split,
+    read_uint8_images,
+    shape_error,
+    to_model_range,
+)
 from diffusion.jobs.sample import load_chosen_weights, null_label, to_uint8_nhwc
 from diffusion.jobs.superres import low_res_size, read_low_res_images, split_low_res
 from diffusion.sampling.ddim import DDIMSampler
@@ -181,7 +187,7 @@ def target_labels(cfg: DictConfig, loaded: LoadedCheckpoint, inputs: dict[str, t
         count = cfg.interpolation.num_pairs if not inputs else count // 2
     given = given_classes(cfg.class_labels)
     if given == INPUT_LABELS:
-        labels = inputs["labels"].long()
+        labels = checked_labels("class_labels", inputs.get("labels"), f"split {cfg.split}", loaded.num_classes)
         return labels[0::2][:count] if cfg.task == "interpolate" else labels  # (2P,) -> (P,): each pair's first
     return torch.tensor([given[j % len(given)] for j in range(count)], dtype=torch.long)  # cycled, as sample.py
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.evaluation import evaluate_bpd
 from diffusion.jobs.checks import (
+    check_class_labels,
     check_evaluate_settings,
     check_reference_size,
     check_respacing,
@@ -50,7 +51,12 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.sample import load_chosen_weights, sample
-from diffusion.jobs.superres import condition_on_split, loader_model_kwargs, wrapped_data
+from diffusion.jobs.superres import (
+    check_conditioning,
+    condition_on_split,
+    loader_model_kwargs,
+    wrapped_data,
+)
 from diffusion.utils.atomic import atomic_save_json, remove_stale_temporaries
 from diffusion.utils.checks import require_writable_dir
 from diffusion.utils.errors import ConfigError
@@ -169,6 +175,12 @@ class ReferenceSet:
 LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "download", "random_flip")
 
 
+def without_loader_keys(settings: dict) -> dict:
+    """``settings`` without `LOADER_KEYS`, also in a wrapped dataset's (a super-resolution
+    config's ``data``): its flips were once on here, and its old cache must not match."""
+    return {k: without_loader_keys(v) if isinstance(v, dict) else v for k, v in settings.items() if k not in LOADER_KEYS}
+
+
 def reference_set(cfg: DictConfig, loaded: LoadedCheckpoint, datamodule_cfg, is_digits: bool) -> ReferenceSet:
     """The training split; the digits' is `diffusion.data.digits`' split, the classifier's own."""
     from diffusion.data.digits import digits_images
@@ -179,8 +191,7 @@ def reference_set(cfg: DictConfig, loaded: LoadedCheckpoint, datamodule_cfg, is_
         return ReferenceSet("digits", lambda: [train], lambda indices: train[indices])
     data = functools.cache(lambda: data_for(cfg, loaded))  # built only when the cache has no features
     # Every setting that changes the images (root, size, split seed, ...) is in the cache key.
-    settings = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(datamodule_cfg)), resolve=True).items()
-                if k not in LOADER_KEYS}
+    settings = without_loader_keys(OmegaConf.to_container(OmegaConf.create(dict(datamodule_cfg)), resolve=True))
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = f"{settings['_target_'].rsplit('.', 1)[-1]}-{settings.get('image_size', loaded.image_shape[-1])}-{digest}"
 
@@ -218,7 +229,6 @@ def fid(cfg: DictConfig, loaded: LoadedCheckpoint, device: torch.device) -> dict
     # Everything the metric needs, checked before the (long) sampling.
     if cfg.samples:
         check_samples_npz(cfg.samples, loaded.image_shape)
-    condition_on_split(cfg, loaded)  # a super-resolution model: sample i on image i of split, downsampled
     require_writable_dir("cache_dir", cfg.cache_dir)
     # Imported here: torchmetrics (with scipy) and torchvision's transforms take seconds to
     # import, which metric=nll and every early error would pay for nothing.
@@ -357,6 +367,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_chosen_weights(cfg)
     if cfg.metric == "nll":
         check_respacing(cfg.respacing, loaded)
+    if cfg.metric == "fid" and not cfg.samples:
+        condition_on_split(cfg, loaded)  # a super-resolution model: sample i on image i of split, downsampled
+        # the sample job's checks that read nothing, before any folder, classifier or reference set is made
+        check_class_labels(cfg.class_labels, loaded.num_classes)
+        check_conditioning(cfg, loaded)
     path = os.path.join(require_writable_dir("output_dir", cfg.output_dir), f"{cfg.metric}.json")
     with folder_lock(cfg.output_dir):
         remove_stale_temporaries(os.path.dirname(path), [os.path.basename(path), MEMORISATION_GRID])  # of a killed run

@@ -69,18 +69,33 @@ def to_model_range(pixels: np.ndarray) -> torch.Tensor:
 def read_split(cfg: DictConfig, loaded: LoadedCheckpoint, split: str, count: int) -> tuple[torch.Tensor, dict]:
     """The first ``count`` images of ``split`` of the run's dataset (without augmentation,
     `diffusion.jobs.evaluate.data_for`) as (N, C, H, W) floats in [−1, 1], and the model
-    kwargs its loader gives beside them: ``y`` (N,), the labels, and for a super-resolution
-    dataset also ``low_res`` (N, C, s, s), area-downsampled exactly as in training
-    (`diffusion.data.superres`)."""
+    kwargs its loader gives beside them: ``y`` (N,), the labels (absent for a dataset without
+    labels, whose loader gives zeros), and for a super-resolution dataset also ``low_res``
+    (N, C, s, s), area-downsampled exactly as in training (`diffusion.data.superres`)."""
     # Imported here: jobs.evaluate imports jobs.sample, which imports this module.
     from diffusion.jobs.evaluate import data_for, split_loader
 
+    data = data_for(cfg, loaded)
     images, extras, total = [], [], 0
-    for batch, extra in split_loader(data_for(cfg, loaded), split):
+    for batch, extra in split_loader(data, split):
         images.append(batch)
         extras.append(dict(extra) if isinstance(extra, dict) else {"y": extra})  # (B,) labels or a dict
         total += len(batch)
         if total >= count:
             break
     kwargs = {key: torch.cat([extra[key] for extra in extras])[:count] for key in extras[0]}
+    if data.num_classes is None:
+        kwargs.pop("y", None)
     return torch.cat(images)[:count], kwargs
+
+
+def checked_labels(key: str, labels: torch.Tensor | None, source: str, num_classes: int) -> torch.Tensor:
+    """A split's labels (``read_split``'s ``y``) for ``key``=input, as int64: a one-line
+    ConfigError when the dataset has none or some are not classes of the model."""
+    if labels is None:
+        raise ConfigError(f"{key}=input: {source} of the dataset has no labels; pass {key}=null (random), K or a list")
+    labels = labels.long()
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ConfigError(f"{key}=input: {source} holds labels up to {int(labels.max())}, outside the checkpoint's "
+                          f"classes 0..{num_classes - 1}; pass data=... of the run's dataset, or {key}=K")
+    return labels

@@ -40,7 +40,7 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.shards import open_shard_dir, remove_shard_dir, shard_key, shard_path
-from diffusion.jobs.superres import batch_low_res, read_conditioning
+from diffusion.jobs.superres import batch_low_res, conditioning_digest, read_conditioning
 from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY
 from diffusion.utils.atomic import atomic_savez, remove_stale_temporaries
@@ -115,10 +115,11 @@ def batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 
 def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, progress_queue=None,
-                loaded: LoadedCheckpoint | None = None, sampler: Sampler | None = None) -> None:
+                loaded: LoadedCheckpoint | None = None, sampler: Sampler | None = None,
+                conditioning: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> None:
     """Worker: the batches ``rank, rank + n, ...`` on ``devices[rank]``, each saved as a shard.
-    A worker process loads the checkpoint and builds the sampler itself; in the job's own
-    process they are passed in."""
+    A worker process loads the checkpoint, builds the sampler and reads the super-resolution
+    inputs (`read_conditioning`) itself; in the job's own process they are passed in."""
     # glibc keeps the memory freed after each batch for the next one instead of returning it
     # to the kernel (utils/host_memory.py): on 2 CPU cores a 1000-image DDIM-50 run spent 5.3 s
     # of its 20 s in page faults without it (bench/results.md). Always, unlike train.py's
@@ -137,7 +138,7 @@ def run_batches(rank: int, cfg_yaml: str, devices: list[str], shard_dir: str, pr
     elif compiled and not cfg.compile:  # the shard key would say eager
         raise ValueError("compile=false, but the network was compiled by an earlier compile=true job in this "
                          "process: load the checkpoint again")
-    low_res, input_labels = read_conditioning(cfg, loaded)
+    low_res, input_labels = conditioning or read_conditioning(cfg, loaded)
     for index, size in enumerate(batch_sizes(cfg.num_samples, cfg.batch_size)):
         if index % len(devices) != rank or os.path.exists(shard_path(shard_dir, index)):
             continue
@@ -167,12 +168,12 @@ def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str,
     checkpoint ``cfg.ckpt`` already loaded with ``cfg.weights`` (the evaluate job's).
     The output folder is locked for the run (`diffusion.utils.lock`): a second job writing
     there is refused at once."""
-    loaded, sampler, devices = prepare(cfg, loaded)
+    loaded, sampler, devices, conditioning = prepare(cfg, loaded)
     npz_path, grid_path, shard_dir = output_paths(cfg, loaded.image_shape)
     require_writable_dir("output_dir", cfg.output_dir)
     with folder_lock(cfg.output_dir):
         remove_stale_temporaries(os.path.dirname(npz_path), [os.path.basename(npz_path), os.path.basename(grid_path)])
-        key = shard_key(cfg, loaded, torch.device(devices[0]).type)
+        key = shard_key(cfg, loaded, torch.device(devices[0]).type, conditioning_digest(*conditioning))
         open_shard_dir(shard_dir, key, cfg.ckpt)
         sizes = batch_sizes(cfg.num_samples, cfg.batch_size)
         done = sum(s for i, s in enumerate(sizes) if os.path.exists(shard_path(shard_dir, i)))
@@ -182,7 +183,8 @@ def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str,
         with images_progress(cfg.num_samples, done, "sampling", enabled=cfg.progress) as advance:
             if len(devices) == 1:
                 queue = _CallbackQueue(advance)
-                run_batches(0, cfg_yaml, devices, shard_dir, queue, loaded=loaded, sampler=sampler)
+                run_batches(0, cfg_yaml, devices, shard_dir, queue, loaded=loaded, sampler=sampler,
+                            conditioning=conditioning)
             else:
                 _run_on_devices(cfg_yaml, devices, shard_dir, advance)
         arrays = merge_shards(shard_dir, len(sizes))
@@ -194,9 +196,11 @@ def sample(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> dict[str,
             "nfe": sampler.num_function_evals(loaded.diffusion.num_timesteps)}  # model calls per batch
 
 
-def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[LoadedCheckpoint, Sampler, list[str]]:
-    """Check every setting, load the checkpoint and build the sampler: all that the user's
-    input can fail, before anything is written. Returns (checkpoint, sampler, devices)."""
+def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None
+            ) -> tuple[LoadedCheckpoint, Sampler, list[str], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Check every setting, load the checkpoint, build the sampler and read a super-resolution
+    model's inputs: all that the user's input can fail, before anything is written. Returns
+    (checkpoint, sampler, devices, (low_res, input labels) as `read_conditioning` gives them)."""
     check_sample_settings(cfg)
     devices = resolve_devices(cfg.device, cfg.num_devices)
     # a bad sampler setting fails before the checkpoint is read; sampler=student needs it read
@@ -208,8 +212,8 @@ def prepare(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> tuple[Lo
         sampler = build_sampler(cfg.sampler)
     check_sampler(sampler, cfg.sampler, loaded, null_label(loaded))  # e.g. more steps than T
     check_class_labels(cfg.class_labels, loaded.num_classes)
-    read_conditioning(cfg, loaded)  # a missing or wrong-sized input fails before anything is written
-    return loaded, sampler, devices
+    conditioning = read_conditioning(cfg, loaded)  # a missing or wrong-sized input fails before anything is written
+    return loaded, sampler, devices, conditioning
 
 
 def use_checkpoint_sampler(cfg: DictConfig, loaded: LoadedCheckpoint) -> None:

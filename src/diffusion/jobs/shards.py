@@ -20,6 +20,8 @@ What decides batch i's images, hence the key:
   ``num_samples`` (the last batch's size; it also names the folder);
 - the sampler's settings, ``clip_denoised``, ``precision``, ``class_labels``, and ``compile``
   where set (compiled kernels round differently);
+- a super-resolution model's inputs: ``low_res`` by name and a SHA-256 of the images (and,
+  with ``class_labels=input``, labels) read from it;
 - the device type: the same seed gives other noise on a CUDA device than on the CPU.
 
 Not: ``num_devices`` or which GPU (batch i is the same wherever it runs), ``grid_size``,
@@ -70,8 +72,10 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def shard_key(cfg: DictConfig, loaded: LoadedCheckpoint, device_type: str) -> dict[str, Any]:
-    """Everything that decides the shards' images (see the module docstring), as plain values."""
+def shard_key(cfg: DictConfig, loaded: LoadedCheckpoint, device_type: str,
+              conditioning_sha256: str | None = None) -> dict[str, Any]:
+    """Everything that decides the shards' images (see the module docstring), as plain values;
+    ``conditioning_sha256``: `diffusion.jobs.superres.conditioning_digest` of the inputs read."""
     labels = cfg.class_labels
     labels = OmegaConf.to_container(labels) if OmegaConf.is_config(labels) else labels
     network = {key: loaded.config.get(key) for key in ("model", "diffusion")}
@@ -88,6 +92,8 @@ def shard_key(cfg: DictConfig, loaded: LoadedCheckpoint, device_type: str) -> di
         key["ema_std"] = cfg.ema_std
     if cfg.get("low_res") is not None:  # super-resolution inputs, likewise absent otherwise
         key["low_res"] = str(cfg.low_res)
+    if conditioning_sha256 is not None:  # what was read from them (a file or split can change)
+        key["conditioning_sha256"] = conditioning_sha256
     if cfg.get("compile"):  # compiled kernels round differently; likewise absent otherwise
         key["compile"] = True
     return _plain(key)

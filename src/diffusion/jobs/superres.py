@@ -4,14 +4,17 @@
 NHWC ``arr_0``) or a folder of images, all at the checkpoint's ``low_res_size``, or, with
 ``low_res=split:test`` (``train``, ``val``), from that split of the checkpoint's run dataset,
 downsampled by the same `SuperResData` pairs as in training (area averaging, not re-quantised
-to 8 bits). One key holds the one source, so the shard key (`diffusion.jobs.shards`) names
-it and no two settings can disagree. Sample i is conditioned on low-resolution image i,
+to 8 bits). One key holds the one source, so no two settings can disagree; the shard key
+(`diffusion.jobs.shards`) holds that key and a digest of the images (and labels) read from
+it, so that a changed file or split is noticed on resume. Sample i is conditioned on
+low-resolution image i,
 cycled when there are fewer than ``num_samples``; evaluate.py ``metric=fid`` uses
 ``split:<split>`` unless ``low_res`` is given, and ``metric=nll`` the pairs of its split.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -19,7 +22,13 @@ from omegaconf import DictConfig, open_dict
 
 from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.jobs.checks import INPUT_LABELS, SPLITS
-from diffusion.jobs.inputs import read_split, read_uint8_images, shape_error, to_model_range
+from diffusion.jobs.inputs import (
+    checked_labels,
+    read_split,
+    read_uint8_images,
+    shape_error,
+    to_model_range,
+)
 from diffusion.utils.errors import ConfigError
 
 SPLIT_PREFIX = "split:"
@@ -51,6 +60,21 @@ def read_low_res(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor | No
 def read_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(`read_low_res`'s images, and with ``class_labels=input`` the (N,) labels of those
     images, read with them from their split; else None)."""
+    split = check_conditioning(cfg, loaded)
+    source = cfg.get("low_res")
+    if source is None:
+        return None, None
+    if split is None:
+        return read_low_res_images("low_res", source, loaded), None
+    _, low_res, kwargs = split_low_res("low_res", cfg, loaded, split, cfg.num_samples)
+    if cfg.get("class_labels") != INPUT_LABELS:
+        return low_res, None
+    return low_res, checked_labels("class_labels", kwargs.get("y"), f"split {split}", loaded.num_classes)
+
+
+def check_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> str | None:
+    """The checks of `read_conditioning` that read no input (evaluate.py makes them before
+    it builds its reference set); returns the low_res split, or None."""
     source, size = cfg.get("low_res"), low_res_size(loaded)
     wants_labels = cfg.get("class_labels") == INPUT_LABELS
     if size is None:
@@ -58,7 +82,7 @@ def read_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> tuple[torch.
             raise ConfigError(f"low_res={source}: the checkpoint is not a super-resolution model; leave low_res out")
         if wants_labels:
             raise input_labels_error()
-        return None, None
+        return None
     if source is None:
         channels = loaded.image_shape[0]
         raise ConfigError(f"the checkpoint is a super-resolution model: pass low_res=NPZ_OR_FOLDER of "
@@ -66,15 +90,19 @@ def read_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> tuple[torch.
     split = low_res_split(source)
     if wants_labels and (split is None or loaded.num_classes is None):
         raise input_labels_error()
-    if split is None:
-        return read_low_res_images("low_res", source, loaded), None
-    _, low_res, kwargs = split_low_res("low_res", cfg, loaded, split, cfg.num_samples)
-    if not wants_labels:
-        return low_res, None
-    if kwargs.get("y") is None:
-        raise ConfigError(f"class_labels=input: split {split} of the checkpoint's dataset has no labels; pass "
-                          "class_labels=null (random), K or a list")
-    return low_res, kwargs["y"].long()
+    return split
+
+
+def conditioning_digest(low_res: torch.Tensor | None, labels: torch.Tensor | None) -> str | None:
+    """SHA-256 of the inputs a super-resolution job conditions on (None without any): the
+    shard key's, so that a resumed job whose low_res file or split changed (another
+    data=..., files replaced) is refused instead of mixing old shards with new inputs."""
+    if low_res is None:
+        return None
+    digest = hashlib.sha256(low_res.detach().cpu().contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def input_labels_error() -> ConfigError:
