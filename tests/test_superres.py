@@ -234,26 +234,16 @@ def test_a_changed_low_res_file_is_refused_on_resume(compose_cfg, tiny_superres_
     """The shard key holds a digest of the low-resolution images read: a job stopped after
     its first batch, whose low_res npz is then rewritten with other images under the same
     name, is refused instead of finishing with shards of both."""
-    from diffusion.jobs import sample as sample_job
     from diffusion.jobs.shards import ShardsMismatchError
+
+    from test_job_faults import interrupted_run
 
     rng = np.random.default_rng(0)
     low = tmp_path / "low.npz"
     np.savez(low, arr_0=rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8))
     cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "run", "num_samples=4", "batch_size=2",
                   f"low_res={low}")
-    original, calls = sample_job.sample_batch, []
-
-    def stop_at_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("stopped")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(sample_job, "sample_batch", stop_at_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        sample(cfg)
-    monkeypatch.setattr(sample_job, "sample_batch", original)
+    interrupted_run(cfg, monkeypatch)
     np.savez(low, arr_0=rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8))  # other images, same name
     with pytest.raises(ShardsMismatchError, match="conditioning_sha256"):
         sample(cfg)
