@@ -221,8 +221,18 @@ def test_class_labels_input_gives_each_sample_the_label_of_its_low_res_split_ima
         evaluate(job_cfg(compose_cfg, "evaluate", tiny_superres_ckpt, tmp_path / "bad_eval", *fid_args[:-1],
                          f"cache_dir={tmp_path / 'bad_cache'}", "class_labels=input"))
     assert not (tmp_path / "bad_cache").exists() and not (tmp_path / "bad_eval").exists()
+    # a cascade: an npz with labels (arr_1, as sample.py writes it for a class-conditional base model)
+    low = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+    np.savez(tmp_path / "cascade.npz", arr_0=low, arr_1=np.array([7, 2, 9]))
+    cascade = job_cfg(compose_cfg, "sample", cond, tmp_path / "c", "num_samples=5", "batch_size=3",
+                      f"low_res={tmp_path / 'cascade.npz'}", "class_labels=input")
+    assert np.load(sample(cascade)["npz"])["arr_1"].tolist() == [7, 2, 9, 7, 2]  # cycled with the images
     np.savez(tmp_path / "low.npz", arr_0=np.zeros((2, 4, 4, 1), np.uint8))
-    for ckpt, low_res in ((cond, f"{tmp_path / 'low.npz'}"), (tiny_superres_ckpt, "split:test")):
+    bad = job_cfg(compose_cfg, "sample", cond, tmp_path / "bad", "num_samples=2", f"low_res={tmp_path / 'low.npz'}",
+                  "class_labels=input")
+    with pytest.raises(ConfigError, match=r"class_labels=input: low_res=.*low.npz \(no arr_1\) has no labels"):
+        sample(bad)
+    for ckpt, low_res in ((cond, f"{tmp_path}"), (tiny_superres_ckpt, "split:test")):
         bad = job_cfg(compose_cfg, "sample", ckpt, tmp_path / "bad", "num_samples=2", f"low_res={low_res}",
                       "class_labels=input")
         with pytest.raises(ConfigError, match="class_labels=input gives each sample the label of its low-resolution"):
@@ -253,7 +263,7 @@ def test_split_labels_are_checked_against_the_model():
     from diffusion.jobs.inputs import checked_labels
 
     assert checked_labels("class_labels", torch.tensor([0, 2, 1]), "split test", 3).dtype == torch.int64
-    with pytest.raises(ConfigError, match="split test of the dataset has no labels"):
-        checked_labels("class_labels", None, "split test", 3)
+    with pytest.raises(ConfigError, match="class_labels=input: split test of the dataset has no labels"):
+        checked_labels("class_labels", None, "split test of the dataset", 3)
     with pytest.raises(ConfigError, match="labels up to 5, outside the checkpoint's classes 0..2"):
         checked_labels("class_labels", torch.tensor([0, 5]), "split test", 3)

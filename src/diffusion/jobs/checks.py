@@ -172,7 +172,7 @@ def check_ema_std(ema_std: Any, weights: Any) -> None:
 
 
 # class_labels=input: each image's own label (edit.py: its split image's; sample.py and
-# evaluate.py: its low_res=split image's, `diffusion.jobs.superres.read_conditioning`)
+# evaluate.py: its low_res image's, from a split or an npz's arr_1, `diffusion.jobs.superres.read_conditioning`)
 INPUT_LABELS = "input"
 
 
@@ -187,7 +187,7 @@ def class_label_list(labels: Any) -> list[int] | None:
             or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in given)):
         raise ConfigError(f"class_labels={labels!r} must be null (random labels), a class index, "
                          "a non-empty list of class indices such as [0,3], or input (a super-resolution "
-                         "model's low_res=split images' own)")
+                         "model's low_res images' own)")
     return given
 
 

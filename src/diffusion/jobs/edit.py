@@ -187,7 +187,7 @@ def target_labels(cfg: DictConfig, loaded: LoadedCheckpoint, inputs: dict[str, t
         count = cfg.interpolation.num_pairs if not inputs else count // 2
     given = given_classes(cfg.class_labels)
     if given == INPUT_LABELS:
-        labels = checked_labels("class_labels", inputs.get("labels"), f"split {cfg.split}", loaded.num_classes)
+        labels = checked_labels("class_labels", inputs.get("labels"), f"split {cfg.split} of the dataset", loaded.num_classes)
         return labels[0::2][:count] if cfg.task == "interpolate" else labels  # (2P,) -> (P,): each pair's first
     return torch.tensor([given[j % len(given)] for j in range(count)], dtype=torch.long)  # cycled, as sample.py
 

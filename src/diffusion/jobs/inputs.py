@@ -61,6 +61,22 @@ def read_uint8_images(key: str, source: str, expected: tuple[int, int, int], cou
     raise ConfigError(f"{key}={source}: no such folder or .npz file; {missing_hint}")
 
 
+def read_npz_labels(key: str, source: str, count: int) -> torch.Tensor | None:
+    """``arr_1`` of the npz ``source`` (the labels sample.py writes for a class-conditional
+    model) as (count,) int64, None where there is none (a folder, or an npz without it)."""
+    path = os.path.expanduser(str(source))
+    if not (os.path.isfile(path) and path.endswith(".npz")):
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_1" not in data.files:
+            return None
+        labels = data["arr_1"]
+    if labels.ndim != 1 or len(labels) < count or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{key}={source}: arr_1 is {labels.dtype} of shape {labels.shape}; expected one integer "
+                          f"label per image of arr_0 ({count}), as sample.py writes")
+    return torch.from_numpy(labels[:count].astype(np.int64))
+
+
 def to_model_range(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [−1, 1]."""
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -93,7 +109,7 @@ def checked_labels(key: str, labels: torch.Tensor | None, source: str, num_class
     """A split's labels (``read_split``'s ``y``) for ``key``=input, as int64: a one-line
     ConfigError when the dataset has none or some are not classes of the model."""
     if labels is None:
-        raise ConfigError(f"{key}=input: {source} of the dataset has no labels; pass {key}=null (random), K or a list")
+        raise ConfigError(f"{key}=input: {source} has no labels; pass {key}=null (random), K or a list")
     labels = labels.long()
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ConfigError(f"{key}=input: {source} holds labels up to {int(labels.max())}, outside the checkpoint's "

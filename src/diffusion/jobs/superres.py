@@ -24,6 +24,7 @@ from diffusion.checkpoint import LoadedCheckpoint
 from diffusion.jobs.checks import INPUT_LABELS, SPLITS
 from diffusion.jobs.inputs import (
     checked_labels,
+    read_npz_labels,
     read_split,
     read_uint8_images,
     shape_error,
@@ -59,17 +60,21 @@ def read_low_res(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor | No
 
 def read_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(`read_low_res`'s images, and with ``class_labels=input`` the (N,) labels of those
-    images, read with them from their split; else None)."""
+    images, read with them from their split or their npz's ``arr_1``; else None)."""
     split = check_conditioning(cfg, loaded)
     source = cfg.get("low_res")
     if source is None:
         return None, None
     if split is None:
-        return read_low_res_images("low_res", source, loaded), None
+        low_res = read_low_res_images("low_res", source, loaded)
+        if cfg.get("class_labels") != INPUT_LABELS:
+            return low_res, None
+        labels = read_npz_labels("low_res", source, len(low_res))  # a cascade: sample.py's npz of the base model
+        return low_res, checked_labels("class_labels", labels, f"low_res={source} (no arr_1)", loaded.num_classes)
     _, low_res, kwargs = split_low_res("low_res", cfg, loaded, split, cfg.num_samples)
     if cfg.get("class_labels") != INPUT_LABELS:
         return low_res, None
-    return low_res, checked_labels("class_labels", kwargs.get("y"), f"split {split}", loaded.num_classes)
+    return low_res, checked_labels("class_labels", kwargs.get("y"), f"split {split} of the dataset", loaded.num_classes)
 
 
 def check_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> str | None:
@@ -88,7 +93,7 @@ def check_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> str | None:
         raise ConfigError(f"the checkpoint is a super-resolution model: pass low_res=NPZ_OR_FOLDER of "
                           f"{size}x{size}x{channels} images (HxWxC), or low_res=split:test")
     split = low_res_split(source)
-    if wants_labels and (split is None or loaded.num_classes is None):
+    if wants_labels and (loaded.num_classes is None or (split is None and not str(source).endswith(".npz"))):
         raise input_labels_error()
     return split
 
@@ -107,8 +112,9 @@ def conditioning_digest(low_res: torch.Tensor | None, labels: torch.Tensor | Non
 
 def input_labels_error() -> ConfigError:
     return ConfigError("class_labels=input gives each sample the label of its low-resolution image, which needs a "
-                       "class-conditional super-resolution checkpoint and low_res=split:test (or split:train, "
-                       "split:val); else pass class_labels=null (random), K or a list")
+                       "class-conditional super-resolution checkpoint and low_res=split:test (split:train, split:val) "
+                       "or an npz with labels (arr_1, as sample.py writes); else pass class_labels=null (random), "
+                       "K or a list")
 
 
 def read_low_res_images(key: str, source: str, loaded: LoadedCheckpoint, count: int | None = None) -> torch.Tensor:
