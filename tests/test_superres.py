@@ -20,7 +20,7 @@ from diffusion.data import DigitsData, SuperResData
 from diffusion.jobs.edit import edit
 from diffusion.jobs.evaluate import evaluate
 from diffusion.jobs.sample import sample
-from diffusion.jobs.superres import read_low_res
+from diffusion.jobs.superres import read_conditioning
 from diffusion.training.run import train
 from diffusion.utils.errors import ConfigError
 
@@ -106,7 +106,7 @@ def test_low_res_from_a_split_is_the_training_pairs_and_edit_superres_samples_as
     cfg = job_cfg(compose_cfg, "sample", tiny_superres_ckpt, tmp_path / "s", "num_samples=5", "low_res=split:test")
     pairs = SuperResData(DigitsData(), low_res_size=4)
     pairs.setup()
-    torch.testing.assert_close(read_low_res(cfg, loaded), torch.stack([pairs.test_set[i][1]["low_res"] for i in range(5)]),
+    torch.testing.assert_close(read_conditioning(cfg, loaded)[0], torch.stack([pairs.test_set[i][1]["low_res"] for i in range(5)]),
                                rtol=0, atol=0)
     from_split = np.load(sample(cfg)["npz"])["arr_0"]
     report = edit(job_cfg(compose_cfg, "edit", tiny_superres_ckpt, tmp_path / "e", "task=superres", "num_images=5"))
@@ -230,7 +230,7 @@ def test_class_labels_input_gives_each_sample_the_label_of_its_low_res_split_ima
     np.savez(tmp_path / "low.npz", arr_0=np.zeros((2, 4, 4, 1), np.uint8))
     bad = job_cfg(compose_cfg, "sample", cond, tmp_path / "bad", "num_samples=2", f"low_res={tmp_path / 'low.npz'}",
                   "class_labels=input")
-    with pytest.raises(ConfigError, match=r"class_labels=input: low_res=.*low.npz \(no arr_1\) has no labels"):
+    with pytest.raises(ConfigError, match=r"class_labels=input: low_res=.*low.npz holds no labels \(arr_1"):
         sample(bad)
     for ckpt, low_res in ((cond, f"{tmp_path}"), (tiny_superres_ckpt, "split:test")):
         bad = job_cfg(compose_cfg, "sample", ckpt, tmp_path / "bad", "num_samples=2", f"low_res={low_res}",

@@ -61,15 +61,13 @@ def read_uint8_images(key: str, source: str, expected: tuple[int, int, int], cou
     raise ConfigError(f"{key}={source}: no such folder or .npz file; {missing_hint}")
 
 
-def read_npz_labels(key: str, source: str, count: int) -> torch.Tensor | None:
+def read_npz_labels(key: str, source: str, count: int) -> torch.Tensor:
     """``arr_1`` of the npz ``source`` (the labels sample.py writes for a class-conditional
-    model) as (count,) int64, None where there is none (a folder, or an npz without it)."""
-    path = os.path.expanduser(str(source))
-    if not (os.path.isfile(path) and path.endswith(".npz")):
-        return None
-    with np.load(path, allow_pickle=False) as data:
+    model) as (count,) int64; a one-line ConfigError where there is none or it does not fit."""
+    with np.load(os.path.expanduser(str(source)), allow_pickle=False) as data:
         if "arr_1" not in data.files:
-            return None
+            raise ConfigError(f"class_labels=input: {key}={source} holds no labels (arr_1, as sample.py writes for a "
+                              "class-conditional model); pass class_labels=null (random), K or a list")
         labels = data["arr_1"]
     if labels.ndim != 1 or len(labels) < count or not np.issubdtype(labels.dtype, np.integer):
         raise ConfigError(f"{key}={source}: arr_1 is {labels.dtype} of shape {labels.shape}; expected one integer "
@@ -106,8 +104,8 @@ def read_split(cfg: DictConfig, loaded: LoadedCheckpoint, split: str, count: int
 
 
 def checked_labels(key: str, labels: torch.Tensor | None, source: str, num_classes: int) -> torch.Tensor:
-    """A split's labels (``read_split``'s ``y``) for ``key``=input, as int64: a one-line
-    ConfigError when the dataset has none or some are not classes of the model."""
+    """Labels for ``key``=input (a split's, ``read_split``'s ``y``, or an npz's) as int64: a
+    one-line ConfigError when there are none or some are not classes of the model."""
     if labels is None:
         raise ConfigError(f"{key}=input: {source} has no labels; pass {key}=null (random), K or a list")
     labels = labels.long()

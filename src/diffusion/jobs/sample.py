@@ -40,7 +40,7 @@ from diffusion.jobs.common import (
     resolve_devices,
 )
 from diffusion.jobs.shards import open_shard_dir, remove_shard_dir, shard_key, shard_path
-from diffusion.jobs.superres import batch_low_res, conditioning_digest, read_conditioning
+from diffusion.jobs.superres import conditioning_digest, cycled_batch, read_conditioning
 from diffusion.sampling import Sampler
 from diffusion.sampling.guidance import NULL_LABEL_KEY
 from diffusion.utils.atomic import atomic_savez, remove_stale_temporaries
@@ -66,7 +66,7 @@ def batch_labels(cfg: DictConfig, loaded: LoadedCheckpoint, index: int, size: in
     if loaded.num_classes is None:
         return None
     if input_labels is not None:
-        return batch_low_res(input_labels, index * cfg.batch_size, size, generator.device)
+        return cycled_batch(input_labels, index * cfg.batch_size, size, generator.device)
     if cfg.class_labels is None:
         return torch.randint(0, loaded.num_classes, (size,), generator=generator, device=generator.device)
     given = [cfg.class_labels] if isinstance(cfg.class_labels, int) else list(cfg.class_labels)
@@ -80,7 +80,7 @@ def sample_batch(cfg: DictConfig, loaded: LoadedCheckpoint, sampler, index: int,
     generator = batch_generator(cfg.seed, index, device)
     labels = batch_labels(cfg, loaded, index, size, generator, input_labels)
     if low_res is not None:  # a super-resolution model (diffusion.jobs.superres)
-        low_res = batch_low_res(low_res, index * cfg.batch_size, size, device)
+        low_res = cycled_batch(low_res, index * cfg.batch_size, size, device)
     images = draw_batch(cfg, loaded, sampler, generator, size, device, labels, low_res)
     out = {"arr_0": to_uint8_nhwc(images)}
     if labels is not None:

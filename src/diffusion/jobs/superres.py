@@ -51,28 +51,25 @@ def low_res_split(source) -> str | None:
     return split
 
 
-def read_low_res(cfg: DictConfig, loaded: LoadedCheckpoint) -> torch.Tensor | None:
-    """``cfg.low_res`` as (N, C, s, s) floats in [-1, 1] for a super-resolution checkpoint
-    (a split: its first ``num_samples`` images), None otherwise; a one-line ConfigError for
-    a missing input, a wrong size, or low_res on another model."""
-    return read_conditioning(cfg, loaded)[0]
-
-
 def read_conditioning(cfg: DictConfig, loaded: LoadedCheckpoint) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(`read_low_res`'s images, and with ``class_labels=input`` the (N,) labels of those
-    images, read with them from their split or their npz's ``arr_1``; else None)."""
+    """(``cfg.low_res`` as (N, C, s, s) floats in [-1, 1] for a super-resolution checkpoint
+    (a split: its first ``num_samples`` images), None otherwise; with ``class_labels=input``
+    the (N,) labels of those images, read with them from their split or their npz's
+    ``arr_1``, else None). A one-line ConfigError for a missing input, a wrong size, low_res
+    on another model, or labels that are missing or not the model's classes."""
     split = check_conditioning(cfg, loaded)
     source = cfg.get("low_res")
     if source is None:
         return None, None
+    wants_labels = cfg.get("class_labels") == INPUT_LABELS
     if split is None:
         low_res = read_low_res_images("low_res", source, loaded)
-        if cfg.get("class_labels") != INPUT_LABELS:
+        if not wants_labels:
             return low_res, None
         labels = read_npz_labels("low_res", source, len(low_res))  # a cascade: sample.py's npz of the base model
-        return low_res, checked_labels("class_labels", labels, f"low_res={source} (no arr_1)", loaded.num_classes)
+        return low_res, checked_labels("class_labels", labels, f"low_res={source}", loaded.num_classes)
     _, low_res, kwargs = split_low_res("low_res", cfg, loaded, split, cfg.num_samples)
-    if cfg.get("class_labels") != INPUT_LABELS:
+    if not wants_labels:
         return low_res, None
     return low_res, checked_labels("class_labels", kwargs.get("y"), f"split {split} of the dataset", loaded.num_classes)
 
@@ -140,11 +137,11 @@ def split_low_res(key: str, cfg: DictConfig, loaded: LoadedCheckpoint, split: st
     return images, low_res, kwargs
 
 
-def batch_low_res(low_res: torch.Tensor, start: int, size: int, device: torch.device) -> torch.Tensor:
-    """The low-resolution images (or their labels) of the batch whose first sample is number
-    ``start``: sample i takes input i, cycled."""
-    index = torch.arange(start, start + size) % len(low_res)
-    return low_res[index].to(device)
+def cycled_batch(inputs: torch.Tensor, start: int, size: int, device: torch.device) -> torch.Tensor:
+    """The inputs (low-resolution images, or their labels) of the batch whose first sample is
+    number ``start``: sample i takes input i, cycled."""
+    index = torch.arange(start, start + size) % len(inputs)
+    return inputs[index].to(device)
 
 
 def condition_on_split(cfg: DictConfig, loaded: LoadedCheckpoint) -> None:
