@@ -7,9 +7,11 @@ each is timed here against the implementation it replaced, at the CIFAR UNet's s
 - dropout: ``F.dropout`` (bernoulli_ mask) against `diffusion.nets.blocks.Dropout`
   (torch.rand mask on a CPU), forward and backward; and the mask as a bool tensor (what the
   layer did before) against the layer's 0/1 mask of the input's dtype;
-- attention: ``scaled_dot_product_attention`` on q, k, v sliced from the qkv tensor with d
-  strided (the unfused math path) against `diffusion.nets.blocks.qkv_attention` (contiguous
-  q, k, v: the fused flash kernel), forward and backward;
+- attention: ``scaled_dot_product_attention`` on q, k, v sliced from a channel-major qkv tensor
+  with d strided (the unfused math path) against `diffusion.nets.blocks.qkv_attention` (views
+  of the token-major qkv with d innermost: the fused flash kernel), forward and backward; and
+  the whole attention block as it was (channel-major: Conv1d projections, q, k, v and the heads'
+  output copied into place) against `AttentionBlock` (token-major: matmuls, no layout copies);
 - EMA: one update of every UNet parameter by a Python loop of ``lerp_`` against one
   ``torch._foreach_lerp_`` (what the EMA callback does).
 
@@ -31,8 +33,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from diffusion.nets.blocks import Dropout, qkv_attention
+from diffusion.nets.blocks import AttentionBlock, Dropout, qkv_attention
 from diffusion.nets.unet import UNet
 
 
@@ -81,13 +84,32 @@ def dropout_mask_case(device):
 def attention_case(device):
     # 16x16 attention of the CIFAR UNet at batch 32: 256 channels, 4 heads of 64, T = 256
     b, heads, d, t = 32, 4, 64, 256
-    qkv = torch.randn(b, 3 * heads * d, t, device=device, requires_grad=True)
+    qkv = torch.randn(b, t, 3 * heads * d, device=device, requires_grad=True)  # token-major
+    channel_major = torch.randn(b, 3 * heads * d, t, device=device, requires_grad=True)
 
-    def strided():  # what qkv_attention did before: q, k, v sliced with d strided
-        q, k, v = qkv.reshape(b, heads, 3, d, t).permute(2, 0, 1, 4, 3).unbind(0)
+    def strided():  # before: q, k, v sliced from a channel-major (B, 3C, T) qkv, d strided
+        q, k, v = channel_major.reshape(b, heads, 3, d, t).permute(2, 0, 1, 4, 3).unbind(0)
         F.scaled_dot_product_attention(q, k, v).sum().backward()
 
     return strided, lambda: qkv_attention(qkv, heads).sum().backward()
+
+
+def attention_block_case(device):
+    # the CIFAR UNet's 16x16 attention block at batch 32, NHWC
+    block = AttentionBlock(256, num_heads=4).to(device)
+    nn.init.normal_(block.proj_out.weight, std=0.02)
+    x = torch.randn(32, 256, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def channel_major():  # before: Conv1d projections over (B, C, T); q, k, v and output copied
+        b, c, h, w = x.shape
+        flat = x.reshape(b, c, h * w)
+        qkv = block.qkv(block.norm(flat))  # (B, 3C, T)
+        q, k, v = qkv.reshape(b, 4, 3, c // 4, h * w).permute(2, 0, 1, 4, 3).contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h * w)
+        (flat + block.proj_out(a)).reshape(b, c, h, w).sum().backward()
+
+    return channel_major, lambda: block(x).sum().backward()
 
 
 def ema_case(device):
@@ -112,6 +134,8 @@ CASES = {
     "dropout p=0.3, (32, 256, 16, 16) NHWC, fwd+bwd": ("F.dropout (bernoulli_)", "blocks.Dropout (torch.rand)", dropout_case),
     "dropout mask p=0.3, (32, 256, 16, 16) NHWC, fwd+bwd": ("bool mask", "blocks.Dropout (0/1 mask of x's dtype)", dropout_mask_case),
     "attention 4 heads x 64, T=256, batch 32, fwd+bwd": ("strided q/k/v (math)", "blocks.qkv_attention (flash)", attention_case),
+    "attention block 256 ch, 4 heads, 16x16, batch 32, NHWC, fwd+bwd": (
+        "channel-major (Conv1d, copies)", "blocks.AttentionBlock (token-major)", attention_block_case),
     "EMA update of the CIFAR UNet (52.5M parameters)": ("loop of lerp_", "torch._foreach_lerp_", ema_case),
 }
 

@@ -261,10 +261,21 @@ def reference_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "kwargs", [dict(num_heads=4), dict(num_head_channels=16), dict(num_heads=1)]
 )
-def test_attention_matches_reference(kwargs):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_matches_reference(kwargs, memory_format):
+    # forward and gradients, in both layouts: the block works token-major, on views of a
+    # channels-last input and on a transposed copy of an NCHW one
     block = randomize_(AttentionBlock(64, **kwargs).double(), seed=3)
-    x = torch.randn(2, 64, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(block(x), reference_attention(block, x), rtol=1e-10, atol=1e-10)
+    x = torch.randn(2, 64, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+    out, expected = block(x), reference_attention(block, x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn_like(out)
+    inputs = [x, block.norm.weight, block.qkv.weight, block.qkv.bias, block.proj_out.weight]
+    grads = torch.autograd.grad(out, inputs, upstream)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
 
 
 def test_resblock_scale_shift_matches_closed_form():
