@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def training_config(name: str, overrides: list[str], out: str):
+    """The composed training config of ``CONFIGS[name]``: the preset in fp32 on synthetic data."""
+    batch, own = CONFIGS[name]
+    return compose_preset(PRESET, ["data=synthetic", *own, *overrides, f"data.batch_size={batch}",
+                                   "trainer.precision=32-true"], out)
+
+
 def training_rounds(args: argparse.Namespace, device: torch.device, out: str) -> dict:
     """{config name: {"runs": [...], "peaks": [...]}} over the rounds (see the module's doc)."""
     peaks = [conv_peak(device, torch.float32).flops_per_s]
@@ -76,10 +83,8 @@ def training_rounds(args: argparse.Namespace, device: torch.device, out: str) ->
     for round_index in range(args.rounds):
         order = list(CONFIGS) if round_index % 2 == 0 else list(reversed(CONFIGS))
         for name in order:
-            batch, overrides = CONFIGS[name]
-            cfg = compose_preset(PRESET, ["data=synthetic", *overrides, *args.override,
-                                          f"data.batch_size={batch}", "trainer.precision=32-true"], out)
-            run = train_once(cfg, device, args.warmup, args.steps)
+            batch = CONFIGS[name][0]
+            run = train_once(training_config(name, args.override, out), device, args.warmup, args.steps)
             peaks.append(conv_peak(device, torch.float32).flops_per_s)
             peak = max(peaks[-2:])
             figures[name].append({"round": round_index + 1, "batch": batch, "images_per_s": run.images_per_s,

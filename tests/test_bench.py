@@ -192,6 +192,39 @@ def test_cpu_targets_alternates_the_configs_between_peaks_and_records_every_figu
     assert len(rows) == 3 and "| small | 4 |" in rows[0] and "sample.py ddim10" in rows[2]
 
 
+def test_mfu_ceiling_frees_the_layers_only_inside_and_counts_the_same_flops(performance, monkeypatch, tmp_path, capsys):
+    """bench/mfu_ceiling.py: inside ``free`` GroupNorm, SiLU and dropout are the identity, and
+    restored after it, an exception included; a tiny run alternates the variants, counts the
+    same FLOPs in both and records one row per configuration."""
+    import mfu_ceiling
+    import torch
+    from torch import nn
+
+    from diffusion.nets.blocks import Dropout, GroupNorm32
+
+    x = torch.randn(2, 32, 4, 4)
+    layers = (GroupNorm32(32, 32), nn.SiLU(), Dropout(0.5))
+    with pytest.raises(RuntimeError, match="inside"), mfu_ceiling.free(sorted(mfu_ceiling.FREE_LAYERS)):
+        assert all(layer(x) is x for layer in layers)
+        raise RuntimeError("inside")
+    assert not any(torch.equal(layer(x), x) for layer in layers)
+
+    peaks = iter([1e9, 3e9, 2e9, 5e9, 4e9])
+    monkeypatch.setattr(mfu_ceiling, "conv_peak", lambda device, dtype: type("P", (), {"flops_per_s": next(peaks)}))
+    monkeypatch.setattr(mfu_ceiling, "quiet", lambda: None)
+    monkeypatch.setattr(mfu_ceiling.cpu_targets, "PRESET", "digits_quickstart")
+    monkeypatch.setattr(mfu_ceiling.cpu_targets, "CONFIGS", {"small": (4, ["model.model_channels=32"])})
+    summary = mfu_ceiling.main(["--rounds", "2", "--warmup", "1", "--steps", "2", "--configs", "0"])
+    runs = summary["small"]["runs"]
+    flops = {run["flops_per_image"] for variant in ("as is", "free") for run in runs[variant]}
+    assert len(flops) == 1 and all(positive(run["mfu"]) for variant in runs.values() for run in variant)
+    out = capsys.readouterr().out
+    assert out.index("round 1: small, as is") < out.index("round 1: small, free")
+    assert out.index("round 2: small, free") < out.index("round 2: small, as is")  # reversed
+    rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if "mfu_ceiling.py --rounds" in line]
+    assert len(rows) == 1 and "| small | dropout, groupnorm, silu |" in rows[0]
+
+
 def test_every_ablation_variant_composes_and_passes_the_config_checks(tmp_path):
     """Both sides of every --ablate variant are valid overrides of the CIFAR preset (a typo
     would only show on the GPU, mid-run)."""
