@@ -108,3 +108,27 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     results = sorted((sweep / ".submitit").glob("*/*_result.pkl"))
     assert len(results) == 2
     assert all(pickle.load(open(path, "rb"))[0] == "success" for path in results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_ddp_inside_a_sweep_runs_each_job_on_its_own_ranks(tmp_path, launcher):
+    """`-m` with `trainer=ddp`: Lightning starts rank 1 of each job by running the process's
+    command again. Without `training.ddp_launch`, under the basic launcher that command was
+    the whole sweep (rank 1 ran every job, and the parent's second job started no rank of its
+    own), and under submitit it was submitit's worker, which failed on the arguments."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", f"hydra/launcher={launcher}", "diffusion/schedule=linear,cosine",
+           *TINY_RUN, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true",
+           "trainer.max_steps=2", "test_after_fit=false", "callbacks.sample_grid.num_samples=2",
+           "callbacks.sample_grid.ddim_steps=2", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("Launching 2 jobs") <= 1  # no rank ran the sweep again
+    for job, schedule in (("0", "linear"), ("1", "cosine")):
+        for log, rank in (("train.log", "GLOBAL_RANK: 0, MEMBER: 1/2"), ("train_ddp_process_1.log", "GLOBAL_RANK: 1, MEMBER: 2/2")):
+            assert f"Initializing distributed: {rank}" in (sweep / job / log).read_text(), (job, log)
+        checkpoint = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["global_step"] == 2
+        assert checkpoint["hyper_parameters"]["run_config"]["diffusion"]["betas"]["schedule_name"] == schedule

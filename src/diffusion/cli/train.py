@@ -17,6 +17,8 @@ from diffusion.jobs.errors import exit_on_error, exit_on_user_error, run_entry_p
 from diffusion.training.nonfinite import NonFiniteLossError
 from diffusion.training.preflight import prepare
 
+ENTRY_MODULE = "diffusion.cli.train"  # `python -m diffusion.cli.train` runs this file's main()
+
 
 @hydra.main(version_base="1.3", config_path="pkg://diffusion.configs", config_name="train")
 def run(cfg: DictConfig) -> float | None:
@@ -25,11 +27,13 @@ def run(cfg: DictConfig) -> float | None:
         # The config, the checkpoint to resume and the data are checked before Lightning is
         # imported: a typo fails in seconds.
         prepared = prepare(cfg)
+        from diffusion.training.ddp_launch import ranks_run_this_job  # noqa: PLC0415
         from diffusion.training.resume import Preempted, resume_command  # noqa: PLC0415
         from diffusion.training.run import train  # noqa: PLC0415
 
         try:
-            metrics = train(cfg, prepared)
+            with ranks_run_this_job(ENTRY_MODULE):  # DDP ranks in a -m sweep run this job alone
+                metrics = train(cfg, prepared)
         except Preempted as stop:
             preempted = stop
         else:
@@ -49,3 +53,7 @@ def main() -> None:
     line and status 1; SIGTERM or Ctrl-C after saving last.ckpt, with the command that
     resumes and status 128 + the signal number."""
     run_entry_point(run)
+
+
+if __name__ == "__main__":
+    main()

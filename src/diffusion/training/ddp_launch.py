@@ -1,0 +1,68 @@
+"""DDP inside a Hydra sweep: the other ranks of a job run that job, not the sweep.
+
+Lightning's DDP launcher (``_SubprocessScriptLauncher``, used where no cluster environment
+starts the ranks: one machine, no SLURM or torchrun) starts ranks 1.. by running again the
+process's own command, ``__main__`` with ``sys.argv``, plus ``hydra.run.dir`` set to Hydra's
+run folder. That is right for one run, and wrong inside a sweep (``python train.py -m ...``):
+
+- with Hydra's basic launcher, each child runs the whole sweep, job after job, and pairs with
+  the parent's jobs only while both go through them in step; the parent also keeps the
+  ``LOCAL_RANK`` Lightning set for the first job, so its later jobs start no ranks of their own;
+- under submitit (``hydra/launcher=submitit_local``), ``__main__`` is submitit's worker, which
+  rejects the arguments, and the job fails.
+
+`ranks_run_this_job` makes the children's command this job alone (the entry module with the
+job's own overrides, in the job's folder) while Lightning starts them, and afterwards clears
+what the launcher left in the process, so that the next job of the sweep starts its own ranks.
+Lightning offers no setting for the command (as of 2.6), hence these few lines here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+
+import torch.distributed
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf, read_write
+
+import __main__
+
+# What Lightning's launcher sets in the parent's environment (subprocess_script.py).
+LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def ranks_run_this_job(entry_module: str) -> Iterator[None]:
+    """Inside a Hydra multirun job: DDP ranks that Lightning starts run ``python -m
+    entry_module <this job's overrides>`` in this job's folder; on the way out, the
+    environment, the process group, ``sys.argv`` and ``__main__`` are as they were.
+    Elsewhere (one run, no Hydra) it does nothing."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.instance().cfg.hydra
+    saved_argv, saved_spec = sys.argv, __main__.__spec__
+    saved_run_dir = OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"]  # unresolved
+    saved_environment = {name: os.environ.get(name) for name in LAUNCHER_ENVIRONMENT}
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    __main__.__spec__ = importlib.util.find_spec(entry_module)  # the children run `python -m entry_module`
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # Lightning passes it as hydra.run.dir
+    try:
+        yield
+    finally:
+        sys.argv, __main__.__spec__ = saved_argv, saved_spec
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_run_dir
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next job's ranks form a new group
