@@ -177,6 +177,10 @@ def test_distill_rounds_resume_refuse_and_sample(tmp_path, tiny_ckpt, monkeypatc
     result = sample(cfg)
     assert result["num_images"] == 4 and calls == [2]
     assert OmegaConf.select(cfg, "sampler.steps") == 2  # the shard key saw the concrete sampler
+    cfg = compose_config("sample", [f"ckpt={final}", "sampler=student", "sampler.steps=4", "num_samples=4",
+                                    "progress=false"], tmp_path / "samples4")
+    with pytest.raises(ConfigError, match="sampler.steps=4: .* progressive student, distilled for its 2 steps only"):
+        sample(cfg)  # a progressive student learned its own grid's steps only
 
     # consistency distillation: one round, a one-step student with its own sampler
     from diffusion.sampling import ConsistencySampler  # noqa: PLC0415
@@ -195,6 +199,14 @@ def test_distill_rounds_resume_refuse_and_sample(tmp_path, tiny_ckpt, monkeypatc
                                     "progress=false"], tmp_path / "samples_cd")
     assert sample(cfg)["num_images"] == 4
     assert isinstance(hydra_instantiate(cfg.sampler), ConsistencySampler) and cfg.sampler.steps == 1
+    # the same student in three calls (Song et al.'s multistep Alg. 1), and a bad count refused
+    cfg = compose_config("sample", [f"ckpt={consistency}", "sampler=student", "sampler.steps=3", "num_samples=4",
+                                    "batch_size=4", "progress=false"], tmp_path / "samples_cd3")
+    assert sample(cfg)["nfe"] == 3 and cfg.sampler.steps == 3
+    cfg = compose_config("sample", [f"ckpt={consistency}", "sampler=student", "sampler.steps=0", "num_samples=4",
+                                    "progress=false"], tmp_path / "samples_cd0")
+    with pytest.raises(ConfigError, match="sampler.steps"):
+        sample(cfg)
 
 
 @pytest.mark.slow

@@ -225,6 +225,17 @@ def use_checkpoint_sampler(cfg: DictConfig, loaded: LoadedCheckpoint) -> None:
             f"sampler=student: {cfg.ckpt} names no sampler (it is not a student of distill.py); "
             f"choose one, e.g. sampler=ddim50 or sampler=unipc10"
         )
+    named = dict(named)
+    steps = cfg.sampler.get("steps")
+    if steps is not None:
+        # A consistency model maps any noise level to the data, so it samples in any number of
+        # calls (Song et al. 2023, Alg. 1); a progressive student learned one grid's steps only.
+        if not named["_target_"].endswith("ConsistencySampler"):
+            raise ConfigError(
+                f"sampler.steps={steps}: {cfg.ckpt} is a progressive student, distilled for its "
+                f"{named['steps']} steps only; remove sampler.steps (only consistency students take it)"
+            )
+        named["steps"] = steps  # the sampler's constructor checks it (build_sampler)
     with open_dict(cfg):
         cfg.sampler = OmegaConf.create(named)
 
