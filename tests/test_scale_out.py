@@ -110,6 +110,49 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     assert all(pickle.load(open(path, "rb"))[0] == "success" for path in results)
 
 
+def test_a_job_of_a_sweep_keeps_its_hydra_flags_and_settings_but_not_the_sweeps():
+    from diffusion.training.ddp_launch import job_argv
+
+    argv = ["train.py", "-m", "--config-dir", "confs", "-cn=extra", "lr=1,2", "hydra.job.chdir=true"]
+    hydra = ["hydra.sweep.dir=/s", "hydra.mode=MULTIRUN", "hydra/launcher=submitit_local",
+             "hydra.launcher.timeout_min=5", "hydra.job.chdir=true", "hydra.searchpath=[file:///a]"]
+    assert job_argv(argv, hydra, ["lr=1", "+d=1"]) == [
+        "train.py", "--config-dir", "confs", "-cn=extra", "hydra.job.chdir=true", "hydra.searchpath=[file:///a]",
+        "lr=1", "+d=1"]
+
+
+def test_ranks_run_this_job_restores_what_the_launcher_changed(tmp_path, monkeypatch):
+    """Inside: the job's command line, `python -m` the entry module, the job's folder as Hydra's
+    run folder. After it, even when the job fails: argv, __main__, the run folder, the rendezvous
+    and thread settings Lightning's launcher left (simulated here), as they were."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    import __main__
+    from diffusion.training.ddp_launch import ranks_run_this_job
+
+    from conftest import compose_config
+
+    compose_config("train", ["seed=3"], tmp_path)
+    hydra = HydraConfig.instance().cfg.hydra
+    with read_write(hydra), open_dict(hydra):
+        hydra.mode, hydra.runtime.output_dir = "MULTIRUN", str(tmp_path / "job")
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "seed=3,4"])
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    spec, threads, run_dir = __main__.__spec__, torch.get_num_threads(), hydra.run.dir
+    with pytest.raises(RuntimeError, match="the job failed"), ranks_run_this_job("diffusion.cli.train"):
+        assert sys.argv[1:] == ["seed=3", f"output_dir={tmp_path}"]  # the job's overrides, no -m
+        assert __main__.__spec__.name == "diffusion.cli.train"
+        assert HydraConfig.get().run.dir == str(tmp_path / "job")
+        os.environ.update(LOCAL_RANK="0", OMP_NUM_THREADS="1")  # as Lightning's launcher does
+        torch.set_num_threads(1)
+        raise RuntimeError("the job failed")
+    assert sys.argv == ["train.py", "-m", "seed=3,4"] and __main__.__spec__ is spec
+    assert "LOCAL_RANK" not in os.environ and os.environ["OMP_NUM_THREADS"] == "7"
+    assert torch.get_num_threads() == threads and HydraConfig.get().run.dir == run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_ddp_inside_a_sweep_runs_each_job_on_its_own_ranks(tmp_path, launcher):
