@@ -153,6 +153,37 @@ def test_ranks_run_this_job_restores_what_the_launcher_changed(tmp_path, monkeyp
     assert torch.get_num_threads() == threads and HydraConfig.get().run.dir == run_dir
 
 
+def test_ranks_made_outside_keep_their_process_group(tmp_path, monkeypatch):
+    """Under torchrun or SLURM (LOCAL_RANK set before the job) every rank runs the sweep itself:
+    the group is kept for the next job (Lightning reuses it); ranks started for the job end with it."""
+    import torch.distributed as dist
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    from diffusion.training.ddp_launch import ranks_run_this_job
+
+    from conftest import compose_config
+
+    compose_config("train", [], tmp_path)
+    hydra = HydraConfig.instance().cfg.hydra
+    with read_write(hydra), open_dict(hydra):
+        hydra.mode, hydra.runtime.output_dir = "MULTIRUN", str(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with ranks_run_this_job("diffusion.cli.train"):
+            pass
+        assert dist.is_initialized()
+        monkeypatch.delenv("LOCAL_RANK")
+        with ranks_run_this_job("diffusion.cli.train"):
+            os.environ["LOCAL_RANK"] = "0"  # what Lightning's launcher sets when it starts the ranks
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_ddp_inside_a_sweep_runs_each_job_on_its_own_ranks(tmp_path, launcher):

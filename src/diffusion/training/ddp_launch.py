@@ -90,5 +90,9 @@ def ranks_run_this_job(entry_module: str) -> Iterator[None]:
             else:
                 os.environ[name] = value
         torch.set_num_threads(saved_threads)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # the next job's ranks form a new group
+        # Ranks started here end with the job, so the next job's form a new group. Ranks made
+        # outside (torchrun, SLURM: LOCAL_RANK set before) go through the sweep together and
+        # keep theirs, which Lightning reuses.
+        started_here = saved_environment["LOCAL_RANK"] is None
+        if started_here and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
