@@ -76,6 +76,14 @@ def training_config(name: str, overrides: list[str], out: str):
                                    "trainer.precision=32-true"], out)
 
 
+def run_between_peaks(cfg, device: torch.device, args: argparse.Namespace, peaks: list[float]):
+    """``train_once(cfg)``, then the conv peak again (appended to ``peaks``, whose last entry was
+    measured just before the run): (the run, the higher of the two peaks beside it)."""
+    run = train_once(cfg, device, args.warmup, args.steps)
+    peaks.append(conv_peak(device, torch.float32).flops_per_s)
+    return run, max(peaks[-2:])
+
+
 def training_rounds(args: argparse.Namespace, device: torch.device, out: str) -> dict:
     """{config name: {"runs": [...], "peaks": [...]}} over the rounds (see the module's doc)."""
     peaks = [conv_peak(device, torch.float32).flops_per_s]
@@ -84,9 +92,7 @@ def training_rounds(args: argparse.Namespace, device: torch.device, out: str) ->
         order = list(CONFIGS) if round_index % 2 == 0 else list(reversed(CONFIGS))
         for name in order:
             batch = CONFIGS[name][0]
-            run = train_once(training_config(name, args.override, out), device, args.warmup, args.steps)
-            peaks.append(conv_peak(device, torch.float32).flops_per_s)
-            peak = max(peaks[-2:])
+            run, peak = run_between_peaks(training_config(name, args.override, out), device, args, peaks)
             figures[name].append({"round": round_index + 1, "batch": batch, "images_per_s": run.images_per_s,
                                   "flops_per_image": run.flops_per_image, "achieved": run.achieved,
                                   "peak": peak, "mfu": run.achieved / peak, "share_outside": run.share_outside})

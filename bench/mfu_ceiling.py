@@ -25,36 +25,25 @@ import shlex
 import statistics
 import sys
 import tempfile
+from unittest import mock
 
 import torch
 from torch import nn
 
 import cpu_targets
-from device_peak import conv_peak
 from diffusion.nets import blocks
 from performance import quiet
-from train_timing import train_once
 
-# layer name: (class, the attribute replaced, its identity)
-FREE_LAYERS = {
-    "groupnorm": (blocks.GroupNorm32, "forward", lambda self, x: x),
-    "silu": (nn.SiLU, "forward", lambda self, x: x),
-    "dropout": (blocks.Dropout, "forward", lambda self, x: x),
-}
+# layer name: the class whose forward becomes the identity
+FREE_LAYERS = {"groupnorm": blocks.GroupNorm32, "silu": nn.SiLU, "dropout": blocks.Dropout}
 
 
-@contextlib.contextmanager
-def free(layers: list[str]):
-    """The named layers' forward is the identity inside the block."""
-    saved = [(cls, name, getattr(cls, name)) for cls, name, _ in (FREE_LAYERS[layer] for layer in layers)]
-    try:
-        for layer in layers:
-            cls, name, identity = FREE_LAYERS[layer]
-            setattr(cls, name, identity)
-        yield
-    finally:
-        for cls, name, original in saved:
-            setattr(cls, name, original)
+def free(layers: list[str]) -> contextlib.ExitStack:
+    """The named layers' forward is the identity inside the block (restored on the way out)."""
+    stack = contextlib.ExitStack()
+    for layer in layers:
+        stack.enter_context(mock.patch.object(FREE_LAYERS[layer], "forward", lambda self, x: x))
+    return stack
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,16 +66,15 @@ def measure(args: argparse.Namespace, device: torch.device, out: str) -> dict:
     names = list(cpu_targets.CONFIGS)
     names = names if args.configs is None else [names[index] for index in args.configs]
     figures = {name: {"as is": [], "free": []} for name in names}
-    peak = conv_peak(device, torch.float32).flops_per_s
+    peaks = [cpu_targets.conv_peak(device, torch.float32).flops_per_s]
     for round_index in range(args.rounds):
         order = ["as is", "free"] if round_index % 2 == 0 else ["free", "as is"]
         for name in names:
             cfg = cpu_targets.training_config(name, [], out)
             for variant in order:
                 with free(args.free) if variant == "free" else contextlib.nullcontext():
-                    run = train_once(cfg, device, args.warmup, args.steps)
-                before, peak = peak, conv_peak(device, torch.float32).flops_per_s
-                mfu = run.achieved / max(before, peak)
+                    run, peak = cpu_targets.run_between_peaks(cfg, device, args, peaks)
+                mfu = run.achieved / peak
                 figures[name][variant].append({"mfu": mfu, "images_per_s": run.images_per_s,
                                                "flops_per_image": run.flops_per_image})
                 print(f"round {round_index + 1}: {name}, {variant}: {run.images_per_s:.3g} images/s, "

@@ -210,7 +210,7 @@ def test_mfu_ceiling_frees_the_layers_only_inside_and_counts_the_same_flops(perf
     assert not any(torch.equal(layer(x), x) for layer in layers)
 
     peaks = iter([1e9, 3e9, 2e9, 5e9, 4e9])
-    monkeypatch.setattr(mfu_ceiling, "conv_peak", lambda device, dtype: type("P", (), {"flops_per_s": next(peaks)}))
+    monkeypatch.setattr(mfu_ceiling.cpu_targets, "conv_peak", lambda device, dtype: type("P", (), {"flops_per_s": next(peaks)}))
     monkeypatch.setattr(mfu_ceiling, "quiet", lambda: None)
     monkeypatch.setattr(mfu_ceiling.cpu_targets, "PRESET", "digits_quickstart")
     monkeypatch.setattr(mfu_ceiling.cpu_targets, "CONFIGS", {"small": (4, ["model.model_channels=32"])})
@@ -218,6 +218,9 @@ def test_mfu_ceiling_frees_the_layers_only_inside_and_counts_the_same_flops(perf
     runs = summary["small"]["runs"]
     flops = {run["flops_per_image"] for variant in ("as is", "free") for run in runs[variant]}
     assert len(flops) == 1 and all(positive(run["mfu"]) for variant in runs.values() for run in variant)
+    for variant in ("as is", "free"):  # each run against the higher of the peaks beside it
+        achieved = [run["images_per_s"] * run["flops_per_image"] for run in runs[variant]]
+        assert [a / run["mfu"] for a, run in zip(achieved, runs[variant], strict=True)] == pytest.approx([3e9, 5e9])
     out = capsys.readouterr().out
     assert out.index("round 1: small, as is") < out.index("round 1: small, free")
     assert out.index("round 2: small, free") < out.index("round 2: small, as is")  # reversed
