@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 # glibc's malloc.h
@@ -24,6 +25,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLDS = (2**30, 32 * 2**20)
 
 
+@functools.cache  # the settings are the process's: a job that calls it in several places sets them once
 def retain_freed_memory() -> bool:
     """Serve blocks up to 1 GiB (or 32 MiB) from the heap and trim it only past 2 GiB of
     free memory; False where the C library is not glibc."""
